@@ -1,0 +1,127 @@
+"""Tiny random Stable-Diffusion-layout checkpoints, written by diffusers/transformers themselves.
+
+The directories these functions write are real diffusers pipelines (``model_index.json``,
+``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, safetensors), so the
+tests exercise exactly the loading path a user's SD checkpoint takes, at a size that compiles
+in seconds on a CPU.
+
+Two layouts cover the options SD 1.x and 2.x configure differently:
+
+* ``sd1``: conv ``proj_in``/``proj_out``, one head count for every block, quick_gelu CLIP,
+  epsilon prediction.
+* ``sd2``: linear projections, a per-block head list, ``upcast_attention``, gelu CLIP,
+  v-prediction (as SD 2.x 768 px).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_VOCAB_SIZE = 514  # 256 byte tokens, their word-final forms, <|startoftext|>, <|endoftext|>
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def tiny_clip_tokenizer():
+    """A real ``CLIPTokenizer`` with a byte-level vocabulary and no merges (514 tokens)."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_components(layout: str = "sd1", seed: int = 0, sample_size: int = 8):
+    """Random torch modules ``(unet, vae, text_encoder, tokenizer, scheduler)`` of one layout."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if layout not in ("sd1", "sd2"):
+        raise ValueError(f"unknown tiny layout {layout!r}")
+    sd2 = layout == "sd2"
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 8,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3 if sd2 else 2,
+        num_attention_heads=4 if sd2 else 2,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        bos_token_id=TINY_VOCAB_SIZE - 2,
+        eos_token_id=TINY_VOCAB_SIZE - 1,
+        pad_token_id=TINY_VOCAB_SIZE - 1,
+    ))
+    # Untrained random weights give latents of unit scale; jitter the norms' affine parameters so
+    # a mistaken scale/bias mapping cannot hide behind their default 1/0 initialisation.
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for name, param in module.named_parameters():
+                if "norm" in name:
+                    param.add_(0.1 * torch.randn_like(param))
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return unet, vae, text_encoder, tiny_clip_tokenizer(), scheduler
+
+
+def make_tiny_sd(directory: str | Path, layout: str = "sd1", seed: int = 0, sample_size: int = 8) -> Path:
+    """Write a tiny random SD pipeline in diffusers layout to ``directory`` and return it."""
+    from diffusers import StableDiffusionPipeline
+
+    unet, vae, text_encoder, tokenizer, scheduler = tiny_components(layout, seed, sample_size)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    directory = Path(directory)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
