@@ -15,7 +15,7 @@ _LAZY_ATTRS = {
     "LatentDiffusionModel": ("p2l_jax.model", "LatentDiffusionModel"),
     "P2LError": ("p2l_jax.errors", "P2LError"),
 }
-_LAZY_MODULES = {"models", "operators", "solvers", "schedule", "weights", "parallel", "metrics",
+_LAZY_MODULES = {"models", "operators", "solvers", "schedule", "weights", "parallel", "metrics", "imageio",
                  "pipeline", "cli", "model", "errors", "data"}
 
 

@@ -217,3 +217,43 @@ def test_attention_unknown_impl_lists_known():
     with pytest.raises(P2LError, match="flash3"):
         nnx.eval_shape(lambda: AutoencoderKL(VAEConfig(block_out_channels=(8,), norm_num_groups=8),
                                              attention_impl="flash3", rngs=nnx.Rngs(0)))
+
+
+# ----------------------------------------------------------------------------- input checks
+@pytest.fixture(scope="module")
+def abstract_unet_vae():
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(UNET_DICT),
+                                                       rngs=nnx.Rngs(0)))
+    vae = nnx.eval_shape(lambda: AutoencoderKL(
+        VAEConfig(block_out_channels=(8, 8), norm_num_groups=8,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2), rngs=nnx.Rngs(0)))
+    return unet, vae
+
+
+@pytest.mark.parametrize("sample, t, ctx, match", [
+    ((1, 8, 6, 3), 5, (1, 7, 32), r"4 channels, got shape \(1, 8, 6, 3\)"),
+    ((2, 8, 6, 4), [1, 2, 3], (2, 7, 32), r"timesteps .* \(2,\), got \(3,\)"),
+    ((2, 8, 6, 4), 5, (2, 7, 16), r"\(B, L, 32\) \(cross_attention_dim\), got \(2, 7, 16\)"),
+])
+def test_unet_rejects_bad_input_shapes(abstract_unet_vae, sample, t, ctx, match):
+    unet, _ = abstract_unet_vae
+    with pytest.raises(P2LError, match=match):
+        unet(jnp.zeros(sample), jnp.asarray(t), jnp.zeros(ctx))
+
+
+def test_vae_rejects_bad_input_shapes(abstract_unet_vae):
+    _, vae = abstract_unet_vae
+    with pytest.raises(P2LError, match=r"divisible by 2; got \(1, 9, 8, 3\)"):
+        vae.encode(jnp.zeros((1, 9, 8, 3)))
+    with pytest.raises(P2LError, match=r"4 channels; got \(1, 4, 4, 3\)"):
+        vae.decode(jnp.zeros((1, 4, 4, 3)))
+
+
+@pytest.mark.parametrize("src, dst", [((3, 3), (5, 6)), ((4, 3), (7, 5)), ((2, 3), (4, 6))])
+def test_nearest_resize_matches_torch_interpolate(src, dst):
+    from p2l_jax.models.layers import nearest_resize
+
+    x = np.random.default_rng(2).standard_normal((1, *src, 2)).astype(np.float32)
+    ref = nhwc(torch.nn.functional.interpolate(nchw(x), size=dst, mode="nearest"))
+    np.testing.assert_array_equal(np.asarray(nearest_resize(jnp.asarray(x), dst)), ref)

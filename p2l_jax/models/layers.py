@@ -93,7 +93,8 @@ class GroupNorm(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """Layer normalization over the last axis in float32: (x - mean) / sqrt(var + eps) * scale + bias."""
+    """Layer normalization over the last axis, in float32:
+    y = (x - mean) / sqrt(var + eps) * scale + bias."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, *, param_dtype=jnp.float32):
         self.eps = eps
@@ -159,8 +160,8 @@ def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     h, w = x.shape[1:3]
     if size == (2 * h, 2 * w):
         return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    rows = (jnp.arange(size[0]) * (h / size[0])).astype(jnp.int32)
-    cols = (jnp.arange(size[1]) * (w / size[1])).astype(jnp.int32)
+    rows = (jnp.arange(size[0]) * h) // size[0]
+    cols = (jnp.arange(size[1]) * w) // size[1]
     return x[:, rows][:, :, cols]
 
 

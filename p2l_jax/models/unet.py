@@ -79,6 +79,8 @@ class UNetConfig:
     Per-block options (``layers_per_block``, ``attention_head_dim`` = heads per block,
     ``cross_attention_dim``, ``transformer_layers_per_block``) take an int or one value per
     down block; the up path uses them reversed, the mid block uses the last.
+    ``upcast_attention`` is accepted for completeness: attention logits and softmax are always
+    float32 here, which is what the flag asks for.
     """
 
     in_channels: int = 4
@@ -169,7 +171,8 @@ class UNet2DConditionModel(nnx.Module):
         temb_dim = 4 * ch[0]
         groups, eps = c.norm_num_groups, c.norm_eps
         layers, heads = c.per_block("layers_per_block"), c.per_block("attention_head_dim")
-        cross, depth = c.per_block("cross_attention_dim"), c.per_block("transformer_layers_per_block")
+        cross = c.per_block("cross_attention_dim")
+        depth = c.per_block("transformer_layers_per_block")
 
         def resnet(cin, cout):
             return ResnetBlock2D(b, cin, cout, temb_dim, groups, eps)
@@ -220,6 +223,10 @@ class UNet2DConditionModel(nnx.Module):
             raise P2LError(f"timesteps must be a scalar or shape ({sample.shape[0]},), got "
                            f"{tuple(t.shape)}")
         t = jnp.broadcast_to(t.reshape(-1), (sample.shape[0],))
+        cross = c.per_block("cross_attention_dim")[0]
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cross:
+            raise P2LError(f"encoder_hidden_states must be (B, L, {cross}) "
+                           f"(cross_attention_dim), got {tuple(encoder_hidden_states.shape)}")
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(emb.astype(self.dtype))
         context = encoder_hidden_states.astype(self.dtype)
