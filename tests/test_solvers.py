@@ -126,11 +126,16 @@ def test_batch_independence_same_shape(setup, p2l_run):
 
 @pytest.mark.slow
 def test_batch_independence_alone(setup, p2l_run):
-    """Sample i alone (B = 1, its own key) equals sample i of the batch of 3 (a new compile)."""
+    """Sample i alone (B = 1, its own key) equals sample i of the batch of 3 (a new compile).
+
+    A batch of 1 is a different XLA program from a batch of 3 (other conv/matmul blockings), so
+    float32 sums are reassociated; the comparison is the relative error of the whole sample,
+    ||alone - batched|| / ||batched|| <= 1e-5, as for every other parity check here."""
     for i in (0, 2):
         alone = solve(setup["model"], setup["op"], setup["y"][i:i + 1], setup["keys"][i:i + 1], P2L)
-        np.testing.assert_allclose(alone.latents[0], p2l_run.latents[i], atol=1e-5)
-        np.testing.assert_allclose(alone.images[0], p2l_run.images[i], atol=1e-5)
+        assert _rel(alone.latents[0], p2l_run.latents[i]) <= 1e-5
+        assert _rel(alone.images[0], p2l_run.images[i]) <= 1e-5
+        assert _rel(alone.embedding[0], p2l_run.embedding[i]) <= 1e-5
 
 
 def _point(setup):

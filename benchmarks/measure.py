@@ -1,0 +1,74 @@
+"""Timing, peak-memory and matmul-peak helpers shared by the benchmarks (JAX side only).
+
+* :func:`median_time`: steady-state wall time of a call (after one warm-up), blocking on JAX
+  outputs; the median of ``repeats`` calls, so one preempted call on a shared machine does
+  not move it.
+* :func:`peak_memory`: the accelerator's ``peak_bytes_in_use`` where the device reports memory
+  statistics (GPU, TPU), else the process's resident-set high-water mark (``ru_maxrss``,
+  CPU), which also counts the host copies of parameters and everything loaded before.
+* :func:`matmul_peak`: FLOP/s of a large square matmul in the benchmark's dtype, measured in
+  the same process: the denominator of the utilization figures.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def block(tree):
+    """Wait for every JAX array in ``tree``; torch tensors and other leaves pass through."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            leaf.block_until_ready()
+    return tree
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list]:
+    """(median seconds, all samples) of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        block(fn())
+    samples = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        block(fn())
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), samples
+
+
+def peak_memory(device=None) -> dict:
+    """``{"kind": "device_peak_bytes_in_use" | "host_rss_high_water", "bytes": int}``."""
+    device = device or jax.devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # backends without memory statistics raise or return None
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return {"kind": "device_peak_bytes_in_use", "bytes": int(stats["peak_bytes_in_use"])}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": "host_rss_high_water",
+            "bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
+
+
+def default_matmul_size(platform: str) -> int:
+    """Large enough to reach the device's peak, small enough to run in about a second."""
+    return 8192 if platform in ("gpu", "cuda", "rocm", "tpu") else 1024
+
+
+def matmul_peak(dtype, n: int | None = None, repeats: int = 5) -> dict:
+    """FLOP/s of an (n, n) @ (n, n) matmul in ``dtype``: 2 n^3 / median time."""
+    platform = jax.devices()[0].platform
+    n = n or default_matmul_size(platform)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(jnp.matmul)
+    seconds, _ = median_time(lambda: matmul(a, b), repeats)
+    return {"n": n, "dtype": jnp.dtype(dtype).name, "seconds": seconds,
+            "flops_per_s": 2.0 * n ** 3 / seconds}

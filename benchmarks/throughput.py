@@ -1,0 +1,359 @@
+"""Throughput of the compiled solver, side by side with the PyTorch reference step.
+
+    python -m benchmarks.throughput --model sd15 --resolution 128 --steps 3 --dtype bfloat16
+    p2l-jax bench ...                      (the same options)
+
+For one configuration (model, resolution, batch, steps, solver, gradient variant, dtype,
+attention implementation, remat) it measures, in one process:
+
+* ``compile_s``: lowering + XLA compilation of the whole solve (one ``lax.scan`` program);
+  with ``--compilation-cache DIR`` and ``--second-process``, the same compile in a fresh
+  process that reads the persistent cache (``compile_s_second_process``);
+* ``solve_time_s`` (median), ``time_per_image_s``, ``images_per_s`` of the fused program;
+* ``step_time_s``: one solver step compiled alone, at the first timestep without projection
+  (steady state); ``dispatch_time_s`` = steps x step_time_s, the unfused alternative;
+* FLOPs per step: XLA's cost analysis of the compiled step (which counts the projection
+  branch of its ``lax.cond``) and the analytic count of :mod:`benchmarks.flops`, with their
+  ratio; ``achieved_flops_per_s`` = analytic step FLOPs / step_time_s and ``utilization``
+  against ``matmul_peak`` (a large matmul in the same dtype, timed in this run);
+* ``peak_memory`` (device peak, or the process RSS high-water mark on CPU, read before the
+  torch part) and XLA's planned buffers of the solve (``xla_memory``);
+* ``torch``: the reference P2L step (tests/torch_reference.py) on the same weights and batch,
+  eager and torch.compile, and ``jax_over_torch`` = JAX step time / torch step time.
+
+It prints a markdown row (:func:`markdown_row`) and writes the JSON record (``--json``).
+The measurement y is an inpainting of random images (``--task``, default ``inpaint-random``),
+the operator the PyTorch reference implements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ARCHS = ("tiny", "sd15", "sd21")
+SOLVER_NAMES = ("p2l", "ldps", "gml-dps", "psld")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark configuration; ``model`` is ``embedded``, an architecture name of
+    :data:`p2l_jax.random_model.ARCHITECTURES` (random weights) or a model directory."""
+
+    model: str = "tiny"
+    resolution: int | None = None  # pixels; None: the model's native size
+    batch: int = 1
+    steps: int = 3
+    solver: str = "p2l"
+    gradient: str = "full"
+    dtype: str = "float32"
+    attention: str = "einsum"
+    remat: bool = False
+    task: str = "inpaint-random"
+    repeats: int = 3
+    torch_modes: tuple[str, ...] = ("eager", "compile")
+    compilation_cache: str | None = None
+    second_process: bool = False
+    compile_only: bool = False
+    seed: int = 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    p.add_argument("--model", default=d.model,
+                   help=f"embedded, {', '.join(ARCHS)} (random weights) or a model directory")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--solver", default=d.solver, choices=SOLVER_NAMES)
+    p.add_argument("--gradient", default=d.gradient, help="full, no_unet_jacobian or joint")
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
+    p.add_argument("--attention", default=d.attention, help="einsum, xla or cudnn")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--task", default=d.task, help="inpaint-random | inpaint-box (torch needs "
+                                                   "an inpainting task)")
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--torch", default=",".join(d.torch_modes),
+                   help="comma list of eager,compile, or none (%(default)s)")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache (jax_compilation_cache_dir)")
+    p.add_argument("--second-process", action="store_true",
+                   help="also time the compile in a fresh process using the cache")
+    p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--json", type=Path, default=None, help="write the JSON record here")
+    p.add_argument("--markdown", type=Path, default=None, help="append the markdown row here")
+
+
+def config_from_args(args) -> BenchConfig:
+    modes = tuple(m for m in args.torch.split(",") if m and m != "none")
+    return BenchConfig(model=args.model, resolution=args.resolution, batch=args.batch,
+                       steps=args.steps, solver=args.solver, gradient=args.gradient,
+                       dtype=args.dtype, attention=args.attention, remat=args.remat,
+                       task=args.task, repeats=args.repeats, torch_modes=modes,
+                       compilation_cache=args.compilation_cache,
+                       second_process=args.second_process, compile_only=args.compile_only,
+                       seed=args.seed)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def build_model(cfg: BenchConfig):
+    """(model, config dicts for the torch side)."""
+    from p2l_jax.model import embedded_model_dir, load_model
+    from p2l_jax.random_model import ARCHITECTURES, random_model
+
+    if cfg.model in ARCHITECTURES:
+        return (random_model(cfg.model, cfg.dtype, cfg.attention, cfg.seed),
+                ARCHITECTURES[cfg.model])
+    path = embedded_model_dir() if cfg.model == "embedded" else Path(cfg.model)
+    model = load_model(None if cfg.model == "embedded" else path, cfg.dtype,
+                       attention=cfg.attention)
+    dicts = {n: json.loads((path / n / "config.json").read_text()) for n in ("unet", "vae")}
+    dicts["scheduler"] = model.scheduler_config
+    return model, dicts
+
+
+def solver_config(cfg: BenchConfig):
+    from p2l_jax.solvers import NAMES
+
+    return NAMES[cfg.solver](num_steps=cfg.steps, gradient=cfg.gradient, remat=cfg.remat)
+
+
+def _problem_arrays(cfg: BenchConfig, model):
+    import jax
+    import numpy as np
+
+    from p2l_jax.operators import make_operator
+    from p2l_jax.solvers import per_sample_keys
+
+    side = cfg.resolution or model.image_size
+    f = model.vae_scale_factor
+    if side % f:
+        raise SystemExit(f"--resolution {side} must be a multiple of {f}")
+    op = make_operator(cfg.task, (side, side))
+    rng = np.random.default_rng(cfg.seed)
+    x = rng.uniform(-1, 1, (cfg.batch, side, side, 3)).astype(np.float32)
+    y = jax.jit(lambda op, x, k: op.measure(x, k, 0.05))(op, x, jax.random.key(cfg.seed))
+    keys = per_sample_keys(jax.random.key(cfg.seed), cfg.batch)
+    return op, y, keys, (side // f, side // f, model.latent_channels)
+
+
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """Progress on stderr (a large model on a CPU takes minutes per phase)."""
+    print(f"[bench {time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _lower_compile(fn, *args, **static):
+    start = time.perf_counter()
+    compiled = fn.lower(*args, **static).compile()
+    return compiled, time.perf_counter() - start
+
+
+def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict]:
+    """The JAX measurements; returns (record fields, arrays the torch side reuses)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import flops as flopcount
+    from benchmarks.measure import median_time, peak_memory
+    from p2l_jax.solvers.driver import (SOLVERS, _solve, initial_state, make_problem,
+                                        schedule_inputs)
+
+    config = solver_config(cfg)
+    op, y, keys, latent_shape = _problem_arrays(cfg, model)
+    C0 = model.text_embeddings([config.prompt])
+    log("compiling the solve")
+    solve, compile_s = _lower_compile(_solve, model, op, y, keys, C0, None, config=config,
+                                      latent_shape=latent_shape)
+    out = {"compile_s": compile_s}
+    if cfg.compile_only:
+        return out, {}
+    log(f"compiled in {compile_s:.1f} s; timing the solve")
+    solve_s, solve_samples = median_time(lambda: solve(model, op, y, keys, C0, None), cfg.repeats)
+
+    def init(model, op, y, keys, C0):
+        return initial_state(make_problem(model, op, y, keys, config), C0, latent_shape)
+
+    def step(model, op, y, keys, state, inp):
+        return SOLVERS[type(config)](make_problem(model, op, y, keys, config), state, inp)
+
+    state = jax.jit(init)(model, op, y, keys, C0)
+    inp = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), schedule_inputs(model, config))
+    inp = inp._replace(project=jnp.asarray(False))
+    log("compiling one step")
+    step_c, step_compile_s = _lower_compile(jax.jit(step), model, op, y, keys, state, inp)
+    log("timing one step")
+    step_s, step_samples = median_time(lambda: step_c(model, op, y, keys, state, inp),
+                                       cfg.repeats)
+    memory = peak_memory()
+    mem = solve.memory_analysis()
+    xla_step = float(step_c.cost_analysis().get("flops", float("nan")))
+    forwards = flopcount.network_forwards(model, cfg.batch, latent_shape[:2])
+    analytic = flopcount.step_flops(forwards, config)
+    analytic["step_program"] = analytic["step"] + analytic["projection"]
+    analytic["forward"] = {k: v.total for k, v in forwards.items()}
+    n_proj = sum(bool(p) for p in schedule_inputs(model, config).project)
+    solve_flops = (cfg.steps * analytic["step"] + n_proj * analytic["projection"]
+                   + forwards["decoder"].total)
+    out.update({
+        "solve_time_s": solve_s, "solve_samples_s": solve_samples,
+        "time_per_image_s": solve_s / cfg.batch, "images_per_s": cfg.batch / solve_s,
+        "step_compile_s": step_compile_s, "step_time_s": step_s, "step_samples_s": step_samples,
+        "dispatch_time_s": cfg.steps * step_s,
+        "flops_per_step_xla": xla_step, "flops_per_step_analytic": analytic,
+        "xla_over_analytic": xla_step / analytic["step_program"],
+        "achieved_flops_per_s": analytic["step"] / step_s,
+        "achieved_flops_per_s_solve": solve_flops / solve_s,
+        "peak_memory": memory,
+        "xla_memory": {"argument_bytes": int(mem.argument_size_in_bytes),
+                       "output_bytes": int(mem.output_size_in_bytes),
+                       "temp_bytes": int(mem.temp_size_in_bytes)},
+    })
+    z = jax.random.normal(jax.random.key(cfg.seed), (cfg.batch, *latent_shape), jnp.float32)
+    return out, {"config": config, "op": op, "y": y, "z": z, "C0": C0}
+
+
+def _second_process_compile(cfg: BenchConfig) -> float | None:
+    """compile_s of the same configuration in a fresh interpreter (reads the cache)."""
+    argv = [sys.executable, "-m", "benchmarks.throughput", "--compile-only", "--torch", "none",
+            "--model", cfg.model, "--batch", str(cfg.batch), "--steps", str(cfg.steps),
+            "--solver", cfg.solver, "--gradient", cfg.gradient, "--dtype", cfg.dtype,
+            "--attention", cfg.attention, "--task", cfg.task, "--seed", str(cfg.seed),
+            "--compilation-cache", str(cfg.compilation_cache)]
+    argv += ["--resolution", str(cfg.resolution)] if cfg.resolution else []
+    argv += ["--remat"] if cfg.remat else []
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(argv, cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["compile_s"]
+
+
+def device_info() -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind,
+            "device_count": jax.device_count(), "host": platform.node(),
+            "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "jax_version": jax.__version__}
+
+
+def run_benchmark(cfg: BenchConfig) -> dict:
+    """Run one configuration and return its JSON record (see the module docstring)."""
+    import jax
+    import numpy as np
+
+    from benchmarks.measure import matmul_peak
+
+    if cfg.compilation_cache:
+        enable_compilation_cache(cfg.compilation_cache)
+    start = time.perf_counter()
+    log(f"building {cfg.model} ({cfg.dtype}, attention {cfg.attention})")
+    model, dicts = build_model(cfg)
+    record = {"config": dataclasses.asdict(cfg), "device": device_info(),
+              "model_build_s": time.perf_counter() - start,
+              "parameters": int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(
+                  model.params)))}
+    jax_fields, arrays = run_jax(cfg, model)
+    record.update(jax_fields)
+    if cfg.compile_only:
+        return record
+    record["compile_s_second_process"] = (_second_process_compile(cfg)
+                                          if cfg.second_process and cfg.compilation_cache
+                                          else None)
+    log("matmul peak")
+    record["matmul_peak"] = matmul_peak(model.dtype)
+    record["utilization"] = record["achieved_flops_per_s"] / record["matmul_peak"]["flops_per_s"]
+    record["torch"], record["jax_over_torch"] = {}, {}
+    if cfg.torch_modes:
+        from benchmarks.torch_baseline import time_torch_step
+
+        log(f"torch reference step: {', '.join(cfg.torch_modes)}")
+        if not cfg.task.startswith("inpaint"):
+            record["torch"] = {m: {"error": "the torch reference implements inpainting only"}
+                               for m in cfg.torch_modes}
+        else:
+            record["torch"] = time_torch_step(
+                model, dicts, arrays["config"], arrays["op"].mask, arrays["y"], arrays["z"],
+                arrays["C0"], dtype=cfg.dtype, modes=cfg.torch_modes, repeats=cfg.repeats)
+        record["jax_over_torch"] = {m: record["step_time_s"] / r["step_time_s"]
+                                    for m, r in record["torch"].items()
+                                    if isinstance(r, dict) and "step_time_s" in r}
+    return record
+
+
+#: Top-level keys of every full record (``--compile-only`` records stop after ``compile_s``).
+RECORD_FIELDS = (
+    "config", "device", "model_build_s", "parameters", "compile_s", "compile_s_second_process",
+    "solve_time_s", "solve_samples_s", "time_per_image_s", "images_per_s", "step_compile_s",
+    "step_time_s", "step_samples_s", "dispatch_time_s", "flops_per_step_xla",
+    "flops_per_step_analytic", "xla_over_analytic", "achieved_flops_per_s",
+    "achieved_flops_per_s_solve", "peak_memory", "xla_memory", "matmul_peak", "utilization",
+    "torch", "jax_over_torch")
+
+MARKDOWN_HEADER = ("| model | px | batch | steps | solver / gradient | dtype | attention | remat "
+                   "| compile s | step s | s / image | images/s | GFLOP/step (XLA / analytic) "
+                   "| GFLOP/s | util. | peak mem GiB | torch eager step s | torch compile step s "
+                   "| JAX / eager | JAX / compile |\n" + "|---" * 20 + "|")
+
+
+def markdown_row(r: dict) -> str:
+    """One table row of a record (columns of :data:`MARKDOWN_HEADER`)."""
+    c, t = r["config"], r.get("torch", {})
+    fmt = lambda v, spec=".3g": "n/a" if v is None else format(v, spec)
+    ts = lambda m: fmt(t.get(m, {}).get("step_time_s"))
+    ratio = lambda m: fmt(r.get("jax_over_torch", {}).get(m), ".2f")
+    px = c["resolution"] or "native"
+    a = r["flops_per_step_analytic"]
+    return (f"| {c['model']} | {px} | {c['batch']} | {c['steps']} | {c['solver']} / "
+            f"{c['gradient']} | {c['dtype']} | {c['attention']} | {'on' if c['remat'] else 'off'} "
+            f"| {fmt(r['compile_s'])} | {fmt(r['step_time_s'])} | {fmt(r['time_per_image_s'])} "
+            f"| {fmt(r['images_per_s'])} | {fmt(r['flops_per_step_xla'] / 1e9)} / "
+            f"{fmt(a['step_program'] / 1e9)} | {fmt(r['achieved_flops_per_s'] / 1e9)} "
+            f"| {fmt(100 * r['utilization'], '.1f')}% | {fmt(r['peak_memory']['bytes'] / 2**30)} "
+            f"| {ts('eager')} | {ts('compile')} | {ratio('eager')} | {ratio('compile')} |")
+
+
+def main(args) -> int:
+    cfg = config_from_args(args)
+    record = run_benchmark(cfg)
+    if cfg.compile_only:
+        print(json.dumps({"compile_s": record["compile_s"]}))
+        return 0
+    row = markdown_row(record)
+    print(MARKDOWN_HEADER)
+    print(row)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2, default=str))
+    if args.markdown:
+        new = not args.markdown.exists()
+        with args.markdown.open("a") as fh:
+            fh.write((MARKDOWN_HEADER + "\n" if new else "") + row + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
+                                     description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

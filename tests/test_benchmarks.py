@@ -1,0 +1,63 @@
+"""The throughput benchmark runs at the tiny size and writes every field; the analytic FLOP
+count equals torch's FLOP counter on the same architecture. No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def test_analytic_forward_flops_equal_torch_flop_counter():
+    torch = pytest.importorskip("torch")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks import flops
+    from p2l_jax.random_model import ARCHITECTURES, architecture_configs
+
+    dicts, cfgs = ARCHITECTURES["tiny"], architecture_configs("tiny")
+    unet, vae = UNet2DConditionModel.from_config(dicts["unet"]), AutoencoderKL.from_config(dicts["vae"])
+    for net in (unet, vae):  # plain bmm attention: torch's counter skips the CPU SDPA kernel
+        net.set_attn_processor(AttnProcessor())
+    B, h, w = 2, 6, 4  # odd shapes exercise the rounding of the down/up samplers
+
+    def counted(fn):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    z, x = torch.zeros(B, 4, h, w), torch.zeros(B, 3, 8 * h, 8 * w)
+    C = torch.zeros(B, 77, dicts["unet"]["cross_attention_dim"])
+    assert flops.unet_forward(cfgs["unet"], B, (h, w)).total == counted(lambda: unet(z, 10, C))
+    assert flops.vae_decoder_forward(cfgs["vae"], B, (h, w)).total == counted(lambda: vae.decode(z))
+    assert flops.vae_encoder_forward(cfgs["vae"], B, (8 * h, 8 * w)).total == counted(
+        lambda: vae.encode(x))
+
+
+def test_tiny_benchmark_writes_every_field(tmp_path):
+    pytest.importorskip("torch")
+    from benchmarks import throughput
+
+    parser = __import__("argparse").ArgumentParser()
+    throughput.add_arguments(parser)
+    out, md = tmp_path / "r.json", tmp_path / "table.md"
+    args = parser.parse_args(["--model", "tiny", "--resolution", "16", "--steps", "1",
+                              "--solver", "ldps", "--repeats", "1", "--torch", "eager",
+                              "--json", str(out), "--markdown", str(md)])
+    assert throughput.main(args) == 0
+    record = json.loads(out.read_text())
+    assert set(throughput.RECORD_FIELDS) <= set(record)
+    assert record["config"]["model"] == "tiny" and record["parameters"] > 0
+    assert {"step", "projection", "step_amortized", "step_program", "forward"} <= set(
+        record["flops_per_step_analytic"])
+    assert record["flops_per_step_xla"] > 0 and record["peak_memory"]["bytes"] > 0
+    assert record["matmul_peak"]["flops_per_s"] > 0
+    assert "step_time_s" in record["torch"]["eager"] and "eager" in record["jax_over_torch"]
+    header, _, row = md.read_text().splitlines()
+    assert header.count("|") == row.count("|")
