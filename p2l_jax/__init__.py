@@ -14,6 +14,7 @@ _LAZY_ATTRS = {
     "load_model": ("p2l_jax.model", "load_model"),
     "LatentDiffusionModel": ("p2l_jax.model", "LatentDiffusionModel"),
     "P2LError": ("p2l_jax.errors", "P2LError"),
+    "P2LPipeline": ("p2l_jax.pipeline", "P2LPipeline"),
 }
 _LAZY_MODULES = {"models", "operators", "solvers", "schedule", "weights", "parallel", "metrics", "imageio",
                  "pipeline", "cli", "model", "errors", "data"}

@@ -13,7 +13,7 @@ import sys
 from p2l_jax.errors import P2LError
 
 # Sub-command modules, in the order `p2l-jax --help` lists them.
-SUBCOMMANDS = ("convert", "degrade", "bench")
+SUBCOMMANDS = ("convert", "degrade", "restore", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,12 +36,9 @@ from p2l_jax.operators.noise import stem_hash
 DEFAULT_SIGMA = 0.05
 
 
-def register(subparsers) -> None:
+def add_task_options(p) -> None:
+    """The operator options shared by ``degrade`` and ``restore`` (DPS / PSLD defaults)."""
     d = TaskOptions()
-    p = subparsers.add_parser(
-        "degrade", help="simulate noisy measurements of images (y = A x + sigma n)",
-        description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--scale", type=int, default=d.scale,
                    help="sr: down-sampling factor (%(default)s)")
     p.add_argument("--kernel-size", type=int, default=d.kernel_size,
@@ -55,6 +52,15 @@ def register(subparsers) -> None:
                         "128 at 256 px)")
     p.add_argument("--fraction", type=float, default=d.fraction,
                    help="inpaint-random: fraction of pixels missing (%(default)s)")
+
+
+def register(subparsers) -> None:
+    d = TaskOptions()
+    p = subparsers.add_parser(
+        "degrade", help="simulate noisy measurements of images (y = A x + sigma n)",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
+    add_task_options(p)
     p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA,
                    help="measurement noise std on the [-1, 1] scale (%(default)s)")
     p.add_argument("--seed", type=int, default=d.seed,

@@ -1,0 +1,474 @@
+"""``p2l-jax restore``: restore a set of images on every device, resumable, with records.
+
+Inputs (``--input`` files and/or folders; a folder means its files, not sub-folders):
+
+- measurements written by ``p2l-jax degrade``: ``<stem>.npy`` with its ``<stem>.json``
+  sidecar (a ``.png`` next to a sidecar also selects that measurement). The sidecar rebuilds
+  the operator exactly; its ``input`` ground truth, if still there, is used for metrics;
+- plain images (PNG, JPEG, ...; greyscale/RGBA converted, said in the record): with
+  ``--simulate`` they are ground truth (degraded with ``--sigma``, restored, scored), without
+  it they are the measurement ``y`` of ``--task``.
+
+Size policy: image sides must be multiples of the model's ``f * 2^(L-1)`` (64 for SD);
+other sizes are refused with a message naming the file. Nothing is resized.
+
+Outputs in ``--output`` (names are the input stems, sanitised, so they stay in the folder):
+``<stem>.png`` (restored), ``<stem>.json`` (record: settings, seed, key, timings, residual,
+metrics), ``grid/<stem>.png`` with ``--grid`` (measurement | restored | ground truth), and
+``summary.json`` + ``summary.csv``. Every file is written atomically (temp file + rename); the
+record is written after the image, so a record means a complete output.
+
+Rerun after a kill: images whose record exists are skipped; everything else (the batch that
+was in flight) is recomputed, and the temp files a kill left for those images are removed. A rerun with
+different settings into the same folder is refused. Inputs are never overwritten.
+
+Multi-host: with ``--coordinator`` (or ``P2L_COORDINATOR_ADDRESS``) each process restores its
+share of the sorted inputs; process 0 writes the summary once all have finished.
+
+Every input, option and the model are checked before anything is written; a bad one gives a
+one-line error and exit 2. A non-finite result is recorded per image (status
+``non-finite``, no PNG) and the run exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from p2l_jax import imageio
+from p2l_jax.errors import P2LError
+
+SOLVERS = {"p2l": "P2LConfig", "ldps": "LDPSConfig", "gml-dps": "GMLDPSConfig",
+           "psld": "PSLDConfig"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+DEFAULT_SIGMA = 0.05
+
+
+def register(subparsers) -> None:
+    from p2l_jax.cli.degrade import add_task_options
+
+    p = subparsers.add_parser("restore", help="restore images (P2L or a baseline) on all devices",
+                              description=__doc__.split("\n\n")[0])
+    add_task_options(p)  # the operator options are degrade's, defined once there
+    p.add_argument("--task", help="degradation task (required unless inputs are degrade outputs)")
+    p.add_argument("--solver", default="p2l", help=f"one of: {', '.join(SOLVERS)} (%(default)s)")
+    p.add_argument("--steps", type=int, required=True, help="number of sampler steps")
+    p.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR")
+    p.add_argument("--model", type=Path, default=None, help="diffusers-layout model directory "
+                   "(default: the embedded model)")
+    p.add_argument("--simulate", action="store_true",
+                   help="inputs are ground truth: degrade, restore and score them")
+    p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA,
+                   help="--simulate: measurement noise on the [-1, 1] scale (%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="run seed (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: one per local device)")
+    p.add_argument("--prompt", default=None, help="text prompt (default: the solver's, \"\")")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="override a solver config field, e.g. --set rho=0.5 --set gamma=4 "
+                        "--set gradient=joint --set optimizer.learning_rate=1e-3 (repeatable)")
+    p.add_argument("--parallel", default="shard_map", choices=("shard_map", "pmap"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--grid", action="store_true", help="also write grid/<stem>.png")
+    p.add_argument("--coordinator", default=None, help="jax.distributed coordinator host:port")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------- inputs
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image to restore: ``identity`` (input stem) and where its data comes from."""
+
+    identity: str
+    path: Path                      # the image, or the measurement .npy
+    sidecar: dict | None = None     # degrade sidecar for measurements
+
+    @property
+    def name(self) -> str:
+        """Output file stem: the identity restricted to ``[A-Za-z0-9._-]``, never hidden."""
+        return re.sub(r"^\.", "_", re.sub(r"[^A-Za-z0-9._-]", "_", self.identity))
+
+
+def _sidecar(path: Path) -> dict | None:
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return None
+    record = imageio.read_json(side)
+    return record if isinstance(record, dict) and "operator" in record else None
+
+
+def _item(path: Path) -> Item | None:
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES | {".npy", ".json"}:
+        return None
+    side = _sidecar(path)
+    if side is not None:
+        npy = path.with_suffix(".npy")
+        if not npy.is_file():
+            raise P2LError(f"{path.with_suffix('.json')}: degrade sidecar without {npy.name}")
+        return Item(path.stem, npy, side)
+    return Item(path.stem, path) if suffix in IMAGE_SUFFIXES or suffix == ".npy" else None
+
+
+def collect_inputs(paths: list[Path]) -> list[Item]:
+    """Items of the ``--input`` paths, sorted by identity; one per stem."""
+    items: dict[str, Item] = {}
+    for path in paths:
+        if not path.exists():
+            raise P2LError(f"--input {path}: no such file or folder")
+        if path.is_dir():
+            found = [i for i in map(_item, sorted(p for p in path.iterdir() if p.is_file())) if i]
+            if not found:
+                raise P2LError(f"--input {path}: folder has no images or degrade outputs")
+        else:
+            found = [_item(path)]
+            if found[0] is None:
+                raise P2LError(f"--input {path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                               " or a degrade output")
+        for item in found:
+            old = items.get(item.identity)
+            if old is not None and old.path != item.path:
+                raise P2LError(f"{item.path}: same stem as {old.path}; outputs would collide")
+            items[item.identity] = item
+    names = {}
+    for item in items.values():
+        if item.name in names:
+            raise P2LError(f"{item.path}: output name {item.name!r} collides with "
+                           f"{names[item.name]}")
+        names[item.name] = item.path
+    return sorted(items.values(), key=lambda i: i.identity)
+
+
+# ------------------------------------------------------------------------------ checks
+def _check_options(args) -> None:
+    if args.steps <= 0:
+        raise P2LError(f"--steps must be a positive integer, got {args.steps}")
+    if not (math.isfinite(args.sigma) and args.sigma >= 0):
+        raise P2LError(f"--sigma must be a finite number >= 0, got {args.sigma}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise P2LError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.solver not in SOLVERS:
+        raise P2LError(f"unknown --solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
+    if args.scale <= 0:
+        raise P2LError(f"--scale must be a positive integer, got {args.scale}")
+    from p2l_jax.operators import TASKS
+
+    if args.task is not None and args.task not in TASKS:
+        raise P2LError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
+
+
+def solver_config(args):
+    """The frozen solver config of ``--solver`` with ``--steps`` (and ``--prompt``)."""
+    import p2l_jax.solvers as solvers
+
+    cls = getattr(solvers, SOLVERS[args.solver])
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {"num_steps": args.steps}
+    if args.prompt is not None:
+        if "prompt" not in fields:
+            raise P2LError(f"--prompt is not an option of --solver {args.solver}")
+        kwargs["prompt"] = args.prompt
+    config = cls(**kwargs)
+    for item in args.overrides:
+        config = override_field(config, item, f"--solver {args.solver}")
+    return config
+
+
+def _coerce(text: str, current, option: str):
+    """Parse ``text`` as the type of the field's current value (bool, int, float, str)."""
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise P2LError(f"{option}: expected true/false, got {text!r}")
+    for kind in (int, float):
+        if isinstance(current, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                raise P2LError(f"{option}: expected {kind.__name__}, got {text!r}") from None
+    return text
+
+
+def override_field(config, assignment: str, owner: str):
+    """``config`` with one ``FIELD=VALUE`` (or ``FIELD.SUBFIELD=VALUE``) replaced."""
+    name, sep, text = assignment.partition("=")
+    if not sep or not name:
+        raise P2LError(f"--set {assignment!r}: expected FIELD=VALUE")
+    head, _, rest = name.partition(".")
+    fields = {f.name for f in dataclasses.fields(config)}
+    if head not in fields:
+        raise P2LError(f"--set {name}: not an option of {owner}; options: {', '.join(sorted(fields))}")
+    current = getattr(config, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise P2LError(f"--set {name}: {head} has no sub-options")
+        value = override_field(current, f"{rest}={text}", f"{owner} {head}")
+    else:
+        value = _coerce(text, current, f"--set {name}")
+    try:
+        return dataclasses.replace(config, **{head: value})
+    except (TypeError, ValueError) as err:
+        raise P2LError(f"--set {name}={text}: {err}") from None
+
+
+@dataclasses.dataclass
+class Job:
+    """An item with its operator and (when known) the path of its ground truth."""
+
+    item: Item
+    operator: object
+    truth: Path | None
+    info: dict
+    image_size: tuple[int, int]
+
+
+def plan_jobs(items: list[Item], args) -> list[Job]:
+    """Read and check every item (readable, finite, operator fits); write nothing."""
+    from p2l_jax.operators import TaskOptions, from_dict, make_operator
+
+    options = TaskOptions(scale=args.scale, kernel_size=args.kernel_size,
+                          blur_sigma=args.blur_sigma, intensity=args.intensity,
+                          box_size=args.box_size, fraction=args.fraction, seed=args.seed)
+    operators: dict = {}
+    jobs = []
+    for item in items:
+        try:
+            if item.sidecar is not None:
+                if args.simulate:
+                    raise P2LError("is a degrade measurement; --simulate needs ground-truth images")
+                side = item.sidecar
+                if args.task is not None and side.get("task") != args.task:
+                    raise P2LError(f"was degraded with task {side.get('task')!r}, not --task "
+                                   f"{args.task}")
+                y, info = imageio.read_image(item.path)
+                hw = tuple(side.get("image_size", y.shape[:2]))
+                op = from_dict(side["operator"])
+                truth = Path(side["input"]) if side.get("input") else None
+                truth = truth if truth is not None and truth.is_file() else None
+            else:
+                if args.task is None:
+                    raise P2LError("is a plain image; give --task")
+                y, info = imageio.read_image(item.path)
+                hw = y.shape[:2]
+                if not args.simulate and args.task == "sr":
+                    hw = (hw[0] * args.scale, hw[1] * args.scale)
+                if (args.task, hw) not in operators:
+                    operators[(args.task, hw)] = make_operator(args.task, hw, options)
+                op = operators[(args.task, hw)]
+                truth = item.path if args.simulate else None
+            if not np.all(np.isfinite(y)):
+                raise P2LError("contains NaN or inf")
+            op.validate_shape((1, *hw, 3))
+            if item.sidecar is None and not args.simulate:
+                expected = tuple(np.asarray(op.forward(np.zeros((1, *hw, 3), np.float32))).shape[1:])
+                if tuple(y.shape) != expected:
+                    raise P2LError(f"measurement shape {y.shape} does not match {args.task} "
+                                   f"of a {hw[0]}x{hw[1]} image {expected}")
+        except P2LError as err:
+            msg = str(err)
+            raise P2LError(msg if msg.startswith(str(item.path)) else f"{item.path}: {msg}") from None
+        jobs.append(Job(item, op, truth, info, tuple(int(v) for v in hw)))
+    return jobs
+
+
+# ----------------------------------------------------------------------------- outputs
+def _fingerprint(args, config) -> str:
+    from p2l_jax.pipeline import config_record
+
+    settings = {"config": config_record(config), "seed": args.seed, "simulate": args.simulate,
+                "sigma": args.sigma if args.simulate else None, "task": args.task,
+                "model": str(args.model.resolve()) if args.model else "embedded",
+                "dtype": args.dtype, "task_options": [args.scale, args.kernel_size,
+                                                      args.blur_sigma, args.intensity,
+                                                      args.box_size, args.fraction]}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done(job: Job, out: Path, fingerprint: str) -> bool:
+    record_path = out / f"{job.item.name}.json"
+    if not record_path.is_file():
+        return False
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return False  # not ours / unreadable: recompute (atomic writes never leave half a file)
+    if record.get("fingerprint") != fingerprint:
+        raise P2LError(f"{record_path}: holds a result of different settings; use another "
+                       "--output or remove it")
+    return record.get("status") != "ok" or (out / f"{job.item.name}.png").is_file()
+
+
+def _grid_row(y: np.ndarray, restored: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    h, w = restored.shape[:2]
+    if y.shape[:2] != (h, w):  # e.g. super-resolution: nearest-neighbour up to the image size
+        y = np.repeat(np.repeat(y, h // y.shape[0], axis=0), w // y.shape[1], axis=1)
+    panels = [y, restored] + ([truth] if truth is not None else [])
+    return np.concatenate(panels, axis=1)
+
+
+class Progress:
+    """A plain-stderr bar over images with elapsed time and ETA (no dependencies)."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.stream = total, 0, stream or sys.stderr
+        self.start = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        filled = int(30 * self.done / max(self.total, 1))
+        self.stream.write(f"restore [{'#' * filled}{'.' * (30 - filled)}] {self.done}/"
+                          f"{self.total} images  {elapsed:6.1f}s elapsed  ETA {eta:6.1f}s\n")
+        self.stream.flush()
+
+
+def _write_summary(out: Path, jobs: list[Job], fingerprint: str) -> dict:
+    rows = []
+    for job in jobs:
+        path = out / f"{job.item.name}.json"
+        rec = imageio.read_json(path) if path.is_file() else {"status": "missing"}
+        m = rec.get("metrics") or {}
+        rows.append({"identity": job.item.identity, "status": rec.get("status"),
+                     "output": f"{job.item.name}.png" if rec.get("status") == "ok" else None,
+                     "psnr": m.get("psnr"), "ssim": m.get("ssim"), "lpips": m.get("lpips"),
+                     "residual_final": rec.get("residual_final"),
+                     "seconds": (rec.get("timing") or {}).get("seconds_per_image")})
+
+    def mean(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    summary = {"fingerprint": fingerprint, "images": len(rows),
+               "ok": sum(r["status"] == "ok" for r in rows),
+               "failed": [r["identity"] for r in rows if r["status"] != "ok"],
+               "mean": {k: mean(k) for k in ("psnr", "ssim", "lpips", "residual_final",
+                                             "seconds")},
+               "per_image": rows}
+    imageio.write_json(out / "summary.json", summary)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
+    with imageio.atomic_path(out / "summary.csv") as tmp:
+        tmp.write_text(buf.getvalue())
+    return summary
+
+
+# --------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    from p2l_jax import parallel
+
+    _check_options(args)
+    items = collect_inputs(args.input)
+    if args.output.exists() and not args.output.is_dir():
+        raise P2LError(f"--output {args.output} exists and is not a folder")
+    outputs = {(args.output / f"{i.name}{s}").resolve() for i in items for s in (".png", ".json")}
+    clash = [i.path for i in items if i.path.resolve() in outputs]
+    if clash:
+        raise P2LError(f"{clash[0]}: would be overwritten by an output; use another --output")
+    all_jobs = plan_jobs(items, args)
+    config = solver_config(args)
+    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    from p2l_jax.pipeline import P2LPipeline
+
+    pipe = P2LPipeline.from_pretrained(args.model, args.dtype, parallel=args.parallel)
+    for job in all_jobs:
+        pipe.check_size(job.image_size, str(job.item.path))
+    fingerprint = _fingerprint(args, config)
+    jobs = parallel.my_share(all_jobs)
+    args.output.mkdir(parents=True, exist_ok=True)
+    parallel.clear_marker(str(args.output), "restore-done")
+    pending = [j for j in jobs if not _done(j, args.output, fingerprint)]
+    for job in pending:  # temp files of a killed run (only this process's own images)
+        for stale in args.output.glob(f".{glob.escape(job.item.name)}.*.tmp"):
+            stale.unlink()
+    print(f"restore: {len(all_jobs)} images, {len(jobs)} in this process, "
+          f"{len(jobs) - len(pending)} already done, {len(pending)} to run on "
+          f"{pipe.num_devices} device(s)", file=sys.stderr)
+    args.batch_size = args.batch_size or pipe.num_devices
+    groups: dict = {}
+    for job in pending:
+        key = (json.dumps(job.operator.to_dict(), sort_keys=True), job.image_size,
+               job.truth is not None)
+        groups.setdefault(key, []).append(job)
+    progress = Progress(len(pending))
+    failed = 0
+    for group in groups.values():
+        for start in range(0, len(group), args.batch_size):
+            batch = group[start:start + args.batch_size]
+            failed += _run_batch(batch, args, pipe, config, fingerprint)
+            progress.update(len(batch))
+    gathered = parallel.gather_via_files(str(args.output), "restore-done", {"failed": failed})
+    if gathered is not None:
+        summary = _write_summary(args.output, all_jobs, fingerprint)
+        print(f"restore: {summary['ok']}/{summary['images']} ok -> {args.output}/summary.json",
+              file=sys.stderr)
+        failed = sum(g["failed"] for g in gathered)
+    return 1 if failed else 0
+
+
+def _run_batch(batch: list[Job], args, pipe, config, fingerprint: str) -> int:
+    from p2l_jax import parallel
+
+    data = np.stack([imageio.read_image(j.item.path)[0] for j in batch])
+    ids = [j.item.identity for j in batch]
+    op = batch[0].operator
+    if args.simulate:
+        result = pipe(images=data, operator=op, config=config, seed=args.seed, identities=ids,
+                      sigma=args.sigma, pad_to=args.batch_size)
+        truths = data
+    else:
+        result = pipe(measurements=data, operator=op, config=config, seed=args.seed,
+                      identities=ids, image_size=batch[0].image_size,
+                      pad_to=args.batch_size)
+        truths = None
+        if all(j.truth is not None for j in batch):
+            truths = np.stack([imageio.read_image(j.truth)[0] for j in batch])
+            if truths.shape != result.images.shape:
+                truths = None
+    quality = None
+    if truths is not None and not args.simulate:
+        from p2l_jax.metrics import image_metrics
+
+        quality = image_metrics(result.images, truths, pipe.lpips_net)
+    failed = 0
+    for i, job in enumerate(batch):
+        record = dict(result.records[i], fingerprint=fingerprint, input=str(job.item.path),
+                      process=parallel.process_index(), process_count=parallel.process_count(),
+                      input_info=job.info, simulate=args.simulate, task=args.task,
+                      ground_truth=str(job.truth) if truths is not None else None)
+        if quality is not None and record["status"] == "ok":
+            record["metrics"] = {k: v[i] for k, v in quality.items()}
+        png, rec = args.output / f"{job.item.name}.png", args.output / f"{job.item.name}.json"
+        if record["status"] == "ok":
+            imageio.write_png(png, result.images[i])
+            if args.grid:
+                (args.output / "grid").mkdir(exist_ok=True)
+                imageio.write_png(args.output / "grid" / f"{job.item.name}.png", _grid_row(
+                    result.measurements[i], result.images[i],
+                    None if truths is None else truths[i]))
+            record["output"] = png.name
+        else:
+            failed += 1
+            print(f"restore: {job.item.path}: sampling produced NaN/inf; no image written "
+                  f"(see {rec})", file=sys.stderr)
+        imageio.write_json(rec, record)
+    return failed

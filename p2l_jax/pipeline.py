@@ -1,0 +1,199 @@
+"""``P2LPipeline``: model + solver + operator -> restored images and per-image records.
+
+    pipe = P2LPipeline.from_pretrained("path/to/sd15")            # None: the embedded model
+    out = pipe(images=x, operator=op, config=P2LConfig(num_steps=50), seed=0,
+               identities=["a", "b"], sigma=0.05)                 # simulate: measure, restore, score
+    out = pipe(measurements=y, operator=op, config=..., identities=[...])   # real measurements
+    out.images, out.records
+
+Randomness depends on ``(seed, identity)`` only, never on an image's position, batch or device:
+
+* measurement noise (``images=`` only): ``y_i = A x_i + sigma n_i`` with ``n_i`` from
+  :func:`p2l_jax.operators.noise_key` ``(seed, identity_i)`` -- the same noise
+  ``p2l-jax degrade`` draws for a file whose stem is ``identity_i``;
+* the sampler's key: :func:`p2l_jax.parallel.image_key` ``(seed, identity_i)``.
+
+The batch is split over all local devices by :func:`p2l_jax.parallel.shard_batch`; inside a
+shard every image is solved with its own key (``solve`` is ``vmap``-ed over images), so a
+result equals the result of that image restored alone.
+
+Sizes: the UNet halves the latent ``L - 1`` times (``L`` = number of UNet blocks) and the VAE
+maps ``f`` pixels to one latent cell, so an image side must be a multiple of
+``f * 2^(L - 1)`` (64 for SD 1.x/2.x). Other sizes are refused (:meth:`check_size`), never
+resized or padded behind the user's back; any valid size is accepted, and records say when it
+differs from the model's native size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p2l_jax import metrics
+from p2l_jax.errors import P2LError
+from p2l_jax.parallel import image_keys, shard_batch
+
+
+#: Batch layouts run so far in this process (to flag timings that include compilation).
+_SEEN_PROGRAMS: set = set()
+
+
+def config_record(config) -> dict[str, Any]:
+    """A solver config as JSON: its class name and fields (non-JSON values by ``repr``)."""
+    def plain(v):
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            return v
+        if isinstance(v, (tuple, list)):
+            return [plain(t) for t in v]
+        return repr(v)
+
+    fields = ({f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+              if dataclasses.is_dataclass(config) else {"repr": repr(config)})
+    return {"solver": type(config).__name__, **fields}
+
+
+def _restore_shard(batch, model, operator, config, latent_size):
+    """Per-device body: ``solve`` on the shard, each image with its own key (the solver's
+    per-sample randomness makes image i independent of the rest of its shard)."""
+    from p2l_jax.solvers import solve
+
+    result = solve(model, operator, batch["y"], batch["key"], config, latent_size=latent_size)
+    return {"images": result.images, "residual": result.residual,
+            "residual_final": metrics.measurement_residual(operator, result.images, batch["y"])}
+
+
+@jax.jit
+def _measure_each(operator, x, keys, sigma):
+    return jax.vmap(lambda xi, k: operator.measure(xi[None], k, sigma)[0])(x, keys)
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    """``images`` (B, H, W, 3) in [-1, 1], ``measurements`` y, ``records`` one dict per image."""
+
+    images: np.ndarray
+    measurements: np.ndarray
+    records: list[dict[str, Any]]
+
+
+class P2LPipeline:
+    """A loaded model and a device layout; call it to restore a batch (module docstring)."""
+
+    def __init__(self, model, parallel: str = "shard_map", devices=None, lpips_net="alexnet"):
+        self.model = model
+        self.parallel = parallel
+        self.lpips_net = lpips_net
+        self._run = shard_batch(_restore_shard, mode=parallel, devices=devices)
+
+    @classmethod
+    def from_pretrained(cls, path=None, dtype: str = "float32", *, parallel: str = "shard_map",
+                        devices=None, allow_pickle: bool = False) -> P2LPipeline:
+        """Load ``path`` (diffusers layout; ``None`` = the embedded default model)."""
+        from p2l_jax.model import load_model
+
+        return cls(load_model(path, dtype, allow_pickle=allow_pickle), parallel, devices)
+
+    @property
+    def num_devices(self) -> int:
+        return self._run.num_devices
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: ``f * 2^(L - 1)`` (module docstring)."""
+        levels = len(self.model.unet_config.block_out_channels)
+        return self.model.vae_scale_factor * 2 ** (levels - 1)
+
+    def check_size(self, hw: Sequence[int], name: str) -> None:
+        """Raise :class:`P2LError` naming ``name`` unless ``hw`` fits the model (no resizing)."""
+        m = self.size_multiple
+        h, w = (int(v) for v in hw)
+        if h % m or w % m or h <= 0 or w <= 0:
+            fit = f"{max(m, h // m * m)}x{max(m, w // m * m)}"
+            raise P2LError(f"{name}: image size {h}x{w} is not a multiple of {m} (this model "
+                           f"needs sides divisible by {m}); crop or pad it, e.g. to {fit}")
+
+    def __call__(self, images=None, measurements=None, *, operator, config, seed: int = 0,
+                 identities: Sequence[str], sigma: float = 0.0,
+                 image_size: tuple[int, int] | None = None,
+                 pad_to: int | None = None) -> PipelineOutput:
+        """Restore one batch. Give ``images`` (ground truth: measured with noise ``sigma``,
+        restored and scored) or ``measurements`` (restored; no quality metrics).
+
+        ``image_size`` (H, W) of the restored images; default: the images' size, else the
+        measurement's size when ``operator`` preserves it, else the model's native size.
+        ``pad_to``: pad a short batch to this size (padding dropped) to reuse its program."""
+        from p2l_jax.operators import noise_key
+
+        if (images is None) == (measurements is None):
+            raise P2LError("give exactly one of images= or measurements=")
+        identities = list(identities)
+        if len(set(identities)) != len(identities):
+            raise P2LError("identities must be unique (they derive each image's key)")
+        truth = None if images is None else jnp.asarray(images, jnp.float32)
+        if truth is not None:
+            if truth.ndim != 4 or truth.shape[0] != len(identities):
+                raise P2LError(f"images must be (B, H, W, 3) with B = {len(identities)} "
+                               f"identities, got {truth.shape}")
+            operator.validate_shape(truth.shape)
+            noise = jnp.stack([noise_key(seed, s) for s in identities])
+            y = _measure_each(operator, truth, noise, jnp.float32(sigma))
+        else:
+            y = jnp.asarray(measurements, jnp.float32)
+            if y.ndim != 4 or y.shape[0] != len(identities):
+                raise P2LError(f"measurements must be (B, h, w, C) with B = "
+                               f"{len(identities)} identities, got {y.shape}")
+        hw = tuple(truth.shape[1:3]) if truth is not None else image_size
+        if hw is None:
+            same = jax.eval_shape(operator.forward, jax.ShapeDtypeStruct(
+                (1, *y.shape[1:3], 3), jnp.float32)).shape[1:] == y.shape[1:]
+            hw = tuple(y.shape[1:3]) if same else (self.model.image_size,) * 2
+        self.check_size(hw, "images")
+        latent_size = tuple(int(v) // self.model.vae_scale_factor for v in hw)
+        finite = np.asarray(jnp.all(jnp.isfinite(y), axis=(1, 2, 3)))
+        if not finite.all():
+            bad = [s for s, ok in zip(identities, finite) if not ok]
+            raise P2LError(f"measurement of {bad[0]} contains NaN or inf")
+        keys = image_keys(seed, identities)
+        shape_key = (max(y.shape[0], pad_to or 0), y.shape[1:], config, self.parallel,
+                     jax.tree.structure(operator), id(self.model))
+        compiled_now = shape_key not in _SEEN_PROGRAMS
+        start = time.perf_counter()
+        out = jax.block_until_ready(self._run({"y": y, "key": keys}, self.model, operator, config,
+                                                 latent_size, pad_to=pad_to))
+        seconds = time.perf_counter() - start
+        _SEEN_PROGRAMS.add(shape_key)
+        restored = np.asarray(out["images"])
+        quality = (metrics.image_metrics(restored, np.asarray(truth), self.lpips_net)
+                   if truth is not None else None)
+        records = []
+        for i, ident in enumerate(identities):
+            ok = bool(np.all(np.isfinite(restored[i])))
+            residual = np.asarray(out["residual"][i])
+            records.append({
+                "identity": ident, "seed": int(seed), "status": "ok" if ok else "non-finite",
+                "key": {"derivation": "fold_in(PRNGKey(seed), sha256(identity)[:4] LE)",
+                        "value": np.asarray(keys[i]).tolist()},
+                "config": config_record(config), "operator": operator.to_dict(),
+                "sigma": float(sigma) if truth is not None else None,
+                "image_size": list(restored.shape[1:3]),
+                "native_size": restored.shape[1] == restored.shape[2] == self.model.image_size,
+                "devices": self.num_devices, "parallel": self.parallel,
+                "timing": {"batch_seconds": seconds, "batch_size": len(identities),
+                           "seconds_per_image": seconds / len(identities),
+                           "includes_compilation": compiled_now},
+                "residual_final": _finite(np.asarray(out["residual_final"][i])),
+                "residual_last_step": _finite(residual[-1]) if residual.size else None,
+                "metrics": ({k: v[i] for k, v in quality.items()} if quality and ok else
+                            {"psnr": None, "ssim": None, "lpips": None}),
+            })
+        return PipelineOutput(restored, np.asarray(y), records)
+
+
+def _finite(v) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None
