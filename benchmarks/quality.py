@@ -137,18 +137,11 @@ def measure(operator, images, ids: Sequence[str], seed: int, sigma: float) -> ja
 
 # ---- running a solver over a padded, fixed-size batch -------------------------------
 def solve_with_embeddings(model, operator, y, keys, config, C0, C_neg=None):
-    """``p2l_jax.solvers.solve`` with a per-sample starting embedding ``C0`` (B, 77, d).
+    """``p2l_jax.solvers.solve`` with a per-sample starting embedding ``C0`` (B, 77, d), so
+    per-image captions (generation, the oracle prompt) share one compiled program."""
+    from p2l_jax.solvers import solve
 
-    ``solve`` takes one prompt string per config (static), so per-image captions (generation,
-    the oracle prompt) would compile one program per caption; the driver's jitted body
-    already broadcasts a (B, 77, d) ``C0``, so this calls it directly. Image size: native.
-    """
-    from p2l_jax.solvers import driver
-
-    latent_shape = (model.sample_size, model.sample_size, int(model.latent_channels))
-    return driver._solve(model, operator, None if y is None else jnp.asarray(y, jnp.float32),
-                         keys, jnp.asarray(C0, jnp.float32), C_neg, config=config,
-                         latent_shape=latent_shape)
+    return solve(model, operator, y, keys, config, embedding=C0, negative_embedding=C_neg)
 
 
 def run_batched(fn: Callable, n: int, batch_size: int, *arrays) -> tuple[list, dict]:

@@ -99,8 +99,8 @@ def _solve(model, operator, y, keys, C0, C_neg, *, config, latent_shape):
     return SolveResult(images, state.z, state.C, records.residual.T, records.prompt_loss.T)
 
 
-def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | None = None
-          ) -> SolveResult:
+def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | None = None,
+          embedding=None, negative_embedding=None) -> SolveResult:
     """Run the solver ``config`` on measurement ``y = A x + n`` of operator ``operator``.
 
     Args:
@@ -110,6 +110,10 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
       key: one PRNG key (split per sample by index) or a batch of B keys.
       config: P2LConfig, LDPSConfig, GMLDPSConfig, PSLDConfig or DDIMConfig.
       latent_size: (h, w) of the latents; default the model's native sample size.
+      embedding: starting text embedding C0, (1 or B, 77, d), instead of ``config.prompt``'s;
+        an array argument, so per-sample captions share one compiled program.
+      negative_embedding: DDIM guidance's unconditional embedding, instead of
+        ``config.negative_prompt``'s.
     Returns:
       :class:`SolveResult`.
     """
@@ -135,12 +139,21 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
         if tuple(expected.shape) != tuple(y.shape):
             raise P2LError(f"measurement y has shape {tuple(y.shape)} but the operator maps "
                            f"images {image_shape} to {tuple(expected.shape)}")
-    C0 = model.text_embeddings([config.prompt])
+    C0 = model.text_embeddings([config.prompt]) if embedding is None else _embedding(
+        embedding, batch, "embedding")
     C_neg = None
     if isinstance(config, DDIMConfig) and config.guidance_scale != 1.0:
-        C_neg = jnp.broadcast_to(model.text_embeddings([config.negative_prompt]),
-                                 (batch,) + C0.shape[1:])
+        C_neg = (model.text_embeddings([config.negative_prompt]) if negative_embedding is None
+                 else _embedding(negative_embedding, batch, "negative_embedding"))
+        C_neg = jnp.broadcast_to(C_neg, (batch,) + C0.shape[1:])
     return _solve(model, operator, y, keys, C0, C_neg, config=config, latent_shape=latent_shape)
+
+
+def _embedding(C, batch: int, name: str) -> jax.Array:
+    C = jnp.asarray(C, jnp.float32)
+    if C.ndim != 3 or C.shape[0] not in (1, batch):
+        raise P2LError(f"option {name}: expected shape (1 or {batch}, L, d), got {tuple(C.shape)}")
+    return C
 
 
 def compiled_programs() -> int:
