@@ -25,6 +25,24 @@ REQUIRED_FILES = ("vocab.json", "merges.txt")
 FAST_FILE = "tokenizer.json"  # what transformers >= 5 writes instead of vocab.json + merges.txt
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable character table of GPT-2 / CLIP BPE.
+
+    Printable bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) map to themselves; the remaining
+    68 bytes map, in byte order, to ``chr(256 + n)``. Dict order (printable first) is the id order.
+    """
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
 def default_tokenizer_dir() -> Path:
     """The packaged CLIP tokenizer files (``p2l_jax/assets/clip_tokenizer``)."""
     return Path(__file__).resolve().parent / "assets" / "clip_tokenizer"

@@ -32,25 +32,9 @@ from pathlib import Path
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2
 MODEL_MAX_LENGTH = 77
+from p2l_jax.tokenizer import bytes_to_unicode
+
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "p2l_jax" / "assets" / "clip_tokenizer"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The reversible byte -> printable character table of GPT-2 / CLIP BPE.
-
-    Printable bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) map to themselves; the remaining
-    68 bytes map, in byte order, to ``chr(256 + n)``. Dict order (printable first) is the id order.
-    """
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def read_merges(bpe_text: str, num_merges: int = NUM_MERGES) -> list[tuple[str, str]]:

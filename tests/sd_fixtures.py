@@ -20,25 +20,13 @@ from pathlib import Path
 TINY_VOCAB_SIZE = 514  # 256 byte tokens, their word-final forms, <|startoftext|>, <|endoftext|>
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes)))
-
-
 def tiny_clip_tokenizer():
     """A real ``CLIPTokenizer`` with a byte-level vocabulary and no merges (514 tokens)."""
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    from p2l_jax.tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
