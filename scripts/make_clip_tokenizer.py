@@ -29,10 +29,11 @@ import gzip
 import json
 from pathlib import Path
 
+from p2l_jax.tokenizer import bytes_to_unicode
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2
 MODEL_MAX_LENGTH = 77
-from p2l_jax.tokenizer import bytes_to_unicode
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "p2l_jax" / "assets" / "clip_tokenizer"
 

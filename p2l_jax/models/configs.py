@@ -59,3 +59,13 @@ def per_block(value: Any, n: int, key: str) -> tuple:
             raise P2LError(f"{key} has {len(value)} entries but there are {n} blocks")
         return value
     return (value,) * n
+
+
+def check_block_counts(config) -> None:
+    """Raise unless ``down_block_types``, ``up_block_types`` and ``block_out_channels`` of a
+    UNet or VAE config have the same non-zero length."""
+    n = len(config.block_out_channels)
+    if n == 0 or len(config.down_block_types) != n or len(config.up_block_types) != n:
+        raise P2LError(f"down_block_types ({len(config.down_block_types)}), up_block_types "
+                       f"({len(config.up_block_types)}) and block_out_channels ({n}) must "
+                       "have the same non-zero length")

@@ -39,7 +39,7 @@ from flax import nnx
 
 from p2l_jax.errors import P2LError
 from p2l_jax.models.blocks import DownBlock, MidBlock, UpBlock
-from p2l_jax.models.configs import config_from_dict, per_block
+from p2l_jax.models.configs import check_block_counts, config_from_dict, per_block
 from p2l_jax.models.layers import (Build, Downsample2D, ResnetBlock2D, Transformer2DModel,
                                    Upsample2D)
 
@@ -105,11 +105,7 @@ class UNetConfig:
     sample_size: Any = None
 
     def __post_init__(self):
-        n = len(self.block_out_channels)
-        if n == 0 or len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise P2LError(f"down_block_types ({len(self.down_block_types)}), up_block_types "
-                           f"({len(self.up_block_types)}) and block_out_channels ({n}) must "
-                           "have the same non-zero length")
+        check_block_counts(self)
         object.__setattr__(self, "down_block_types", tuple(
             _block_type(t, DOWN_BLOCK_TYPES, "down_block_types") for t in self.down_block_types))
         object.__setattr__(self, "up_block_types", tuple(

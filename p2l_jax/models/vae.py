@@ -36,7 +36,7 @@ from flax import nnx
 
 from p2l_jax.errors import P2LError
 from p2l_jax.models.blocks import DownBlock, MidBlock, UpBlock
-from p2l_jax.models.configs import config_from_dict
+from p2l_jax.models.configs import check_block_counts, config_from_dict
 from p2l_jax.models.layers import Attention, Build, Downsample2D, ResnetBlock2D, Upsample2D
 
 _EPS = 1e-6  # diffusers hard-codes eps=1e-6 for every VAE norm
@@ -63,11 +63,7 @@ class VAEConfig:
     sample_size: Any = None
 
     def __post_init__(self):
-        n = len(self.block_out_channels)
-        if n == 0 or len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise P2LError(f"down_block_types ({len(self.down_block_types)}), up_block_types "
-                           f"({len(self.up_block_types)}) and block_out_channels ({n}) must "
-                           "have the same non-zero length")
+        check_block_counts(self)
         for key, known in (("down_block_types", "DownEncoderBlock2D"),
                            ("up_block_types", "UpDecoderBlock2D")):
             for name in getattr(self, key):
