@@ -63,8 +63,38 @@ def _restore_shard(batch, model, operator, config, latent_size):
     from p2l_jax.solvers import solve
 
     result = solve(model, operator, batch["y"], batch["key"], config, latent_size=latent_size)
+    return _outputs(result, operator, batch["y"])
+
+
+def _outputs(result, operator, y):
     return {"images": result.images, "residual": result.residual,
-            "residual_final": metrics.measurement_residual(operator, result.images, batch["y"])}
+            "residual_final": metrics.measurement_residual(operator, result.images, y)}
+
+
+# Chunked mode (p2l_jax.solvers.resumable): the same run as _restore_shard, as per-device
+# bodies of its start / advance-k-steps / finish programs. The carry is batch-leading, so it
+# travels through the sharded calls like the images (padding rows copy a real image's).
+def _start_shard(batch, model, operator, config, latent_size, k):
+    from p2l_jax.solvers import driver, resumable
+
+    p = driver.prepare(model, operator, batch["y"], batch["key"], config, latent_size=latent_size)
+    return resumable.start_carry(model, operator, p.y, p.keys, p.C0, p.C_neg, config,
+                                 p.latent_shape, k)
+
+
+def _advance_shard(batch, model, operator, config, latent_size, k, start):
+    from p2l_jax.solvers import driver, resumable
+
+    p = driver.prepare(model, operator, batch["y"], batch["key"], config, latent_size=latent_size)
+    return resumable.advance_carry(model, operator, p.y, p.keys, p.C_neg, batch["carry"], start,
+                                   config, k)
+
+
+def _finish_shard(batch, model, operator, config):
+    from p2l_jax.solvers import resumable
+
+    result = resumable.finish_carry(model, batch["carry"], config.num_steps)
+    return _outputs(result, operator, batch["y"])
 
 
 @jax.jit
@@ -89,6 +119,8 @@ class P2LPipeline:
         self.parallel = parallel
         self.lpips_net = lpips_net
         self._run = shard_batch(_restore_shard, mode=parallel, devices=devices)
+        self._chunked = [shard_batch(f, mode=parallel, devices=devices)
+                         for f in (_start_shard, _advance_shard, _finish_shard)]
 
     @classmethod
     def from_pretrained(cls, path=None, dtype: str = "float32", *, parallel: str = "shard_map",
@@ -120,13 +152,18 @@ class P2LPipeline:
     def __call__(self, images=None, measurements=None, *, operator, config, seed: int = 0,
                  identities: Sequence[str], sigma: float = 0.0,
                  image_size: tuple[int, int] | None = None,
-                 pad_to: int | None = None) -> PipelineOutput:
+                 pad_to: int | None = None, chunk_steps: int | None = None, on_chunk=None,
+                 checkpoint=None, checkpoint_every: int | None = None) -> PipelineOutput:
         """Restore one batch. Give ``images`` (ground truth: measured with noise ``sigma``,
         restored and scored) or ``measurements`` (restored; no quality metrics).
 
         ``image_size`` (H, W) of the restored images; default: the images' size, else the
         measurement's size when ``operator`` preserves it, else the model's native size.
-        ``pad_to``: pad a short batch to this size (padding dropped) to reuse its program."""
+        ``pad_to``: pad a short batch to this size (padding dropped) to reuse its program.
+        ``chunk_steps``, ``on_chunk``, ``checkpoint``, ``checkpoint_every``: run the sampler
+        in chunks with progress and an in-flight checkpoint, as
+        :func:`p2l_jax.solvers.solve` does (:mod:`p2l_jax.solvers.resumable`); the checkpoint
+        folder is left in place for the caller to delete once the outputs are safe."""
         from p2l_jax.operators import noise_key
 
         if (images is None) == (measurements is None):
@@ -160,11 +197,16 @@ class P2LPipeline:
             raise P2LError(f"measurement of {bad[0]} contains NaN or inf")
         keys = image_keys(seed, identities)
         shape_key = (max(y.shape[0], pad_to or 0), y.shape[1:], config, self.parallel,
-                     jax.tree.structure(operator), id(self.model))
+                     jax.tree.structure(operator), id(self.model), chunk_steps)
         compiled_now = shape_key not in _SEEN_PROGRAMS
         start = time.perf_counter()
-        out = jax.block_until_ready(self._run({"y": y, "key": keys}, self.model, operator, config,
-                                                 latent_size, pad_to=pad_to))
+        batch = {"y": y, "key": keys}
+        if chunk_steps is None and checkpoint is None and on_chunk is None:
+            out = self._run(batch, self.model, operator, config, latent_size, pad_to=pad_to)
+        else:
+            out = self._run_chunked(batch, operator, config, latent_size, pad_to, chunk_steps,
+                                    on_chunk, checkpoint, checkpoint_every)
+        out = jax.block_until_ready(out)
         seconds = time.perf_counter() - start
         _SEEN_PROGRAMS.add(shape_key)
         restored = np.asarray(out["images"])
@@ -192,6 +234,32 @@ class P2LPipeline:
                             {"psnr": None, "ssim": None, "lpips": None}),
             })
         return PipelineOutput(restored, np.asarray(y), records)
+
+    def _run_chunked(self, batch, operator, config, latent_size, pad_to, chunk_steps, on_chunk,
+                     checkpoint, checkpoint_every):
+        from p2l_jax.solvers import resumable
+
+        k, every = resumable.check_chunking(config.num_steps, chunk_steps, checkpoint_every)
+        start, advance, finish = self._chunked
+        shared = (self.model, operator, config)
+        # pmap refuses a carry left sharded over the mesh by its previous call: via the host
+        host = jax.device_get if self.parallel == "pmap" else (lambda carry: carry)
+        run = lambda fn, carry, *extra: fn({**batch, "carry": host(carry)}, *shared, *extra,
+                                           pad_to=pad_to)
+        store = None
+        if checkpoint is not None:
+            latent_shape = tuple(latent_size) + (self.model.latent_channels,)
+            store = resumable.InflightStore(checkpoint, resumable.run_fingerprint(
+                self.model, operator, config, k, latent_shape, batch["y"], batch["key"]))
+        try:
+            return resumable.run_chunks(
+                lambda: start(batch, *shared, latent_size, k, pad_to=pad_to),
+                lambda carry, i: run(advance, carry, latent_size, k, i),
+                lambda carry: run(finish, carry), num_steps=config.num_steps, chunk_steps=k,
+                on_chunk=on_chunk, store=store, checkpoint_every=every)
+        finally:
+            if store is not None:
+                store.close()
 
 
 def _finite(v) -> float | None:

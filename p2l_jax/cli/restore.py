@@ -19,8 +19,21 @@ metrics), ``grid/<stem>.png`` with ``--grid`` (measurement | restored | ground t
 record is written after the image, so a record means a complete output.
 
 Rerun after a kill: images whose record exists are skipped; everything else (the batch that
-was in flight) is recomputed, and the temp files a kill left for those images are removed. A rerun with
-different settings into the same folder is refused. Inputs are never overwritten.
+was in flight) is recomputed (from its last in-flight checkpoint with
+``--checkpoint-every``), and the temp files a kill left for those images are removed. A rerun
+with different settings into the same folder is refused. Inputs are never overwritten.
+
+Progress inside a batch: ``--progress-every K`` prints ``step s/N`` on stderr every K
+sampler steps (default: every ``N // 10`` steps when ``--steps`` >= 100, off for shorter runs;
+0 turns it off). The sampler then runs in chunks (:mod:`p2l_jax.solvers.resumable`: one
+compiled "advance k steps" program called ``N / k`` times, same results).
+
+In-flight checkpoints: ``--checkpoint-every N`` saves the sampler state of the batch in
+flight every N steps under ``OUTPUT/.inflight/<batch id>/`` (orbax, atomic); a rerun with the
+same settings and batch resumes from the last saved step, and the folder is deleted once the
+batch's outputs are written (a checkpoint of other settings or of a batch that no longer
+exists, e.g. after a new ``--batch-size``, is not used and is removed at the end of a
+single-process run). With both options the chunk is gcd(K, N) steps.
 
 Multi-host: with ``--coordinator`` (or ``P2L_COORDINATOR_ADDRESS``) each process restores its
 share of the sorted inputs; process 0 writes the summary once all have finished.
@@ -41,6 +54,7 @@ import io
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,6 +94,12 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="override a solver config field, e.g. --set rho=0.5 --set gamma=4 "
                         "--set gradient=joint --set optimizer.learning_rate=1e-3 (repeatable)")
+    p.add_argument("--progress-every", type=int, default=None, metavar="K",
+                   help="print timestep progress every K steps inside a batch (default: "
+                        "steps // 10 when --steps >= 100, else off; 0: off)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="save the in-flight sampler state every N steps under "
+                        "OUTPUT/.inflight/ and resume it on a rerun (default: off)")
     p.add_argument("--parallel", default="shard_map", choices=("shard_map", "pmap"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--grid", action="store_true", help="also write grid/<stem>.png")
@@ -162,6 +182,11 @@ def _check_options(args) -> None:
         raise P2LError(f"--sigma must be a finite number >= 0, got {args.sigma}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise P2LError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.progress_every is not None and args.progress_every < 0:
+        raise P2LError(f"--progress-every must be an integer >= 0, got {args.progress_every}")
+    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
+        raise P2LError(f"--checkpoint-every must be a positive integer, got "
+                       f"{args.checkpoint_every}")
     if args.solver not in SOLVERS:
         raise P2LError(f"unknown --solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
     if args.scale <= 0:
@@ -416,6 +441,8 @@ def run(args: argparse.Namespace) -> int:
             batch = group[start:start + args.batch_size]
             failed += _run_batch(batch, args, pipe, config, fingerprint)
             progress.update(len(batch))
+    if parallel.process_count() == 1:  # every batch is written: what is left there is stale
+        shutil.rmtree(args.output / ".inflight", ignore_errors=True)
     gathered = parallel.gather_via_files(str(args.output), "restore-done", {"failed": failed})
     if gathered is not None:
         summary = _write_summary(args.output, all_jobs, fingerprint)
@@ -425,20 +452,65 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def progress_every(args) -> int:
+    """``--progress-every``, or its automatic value: steps // 10 from 100 steps on, else 0."""
+    if args.progress_every is not None:
+        return args.progress_every
+    return args.steps // 10 if args.steps >= 100 else 0
+
+
+def chunking(args, ids: list[str]) -> dict:
+    """The pipeline's chunk options for one batch from ``--progress-every`` and
+    ``--checkpoint-every`` (empty: one scan)."""
+    every, save = progress_every(args), args.checkpoint_every
+    if not every and not save:
+        return {}
+    started = time.monotonic()
+
+    label = ids[0] if len(ids) == 1 else f"{ids[0]} (+{len(ids) - 1})"
+
+    def report(done: int, total: int) -> None:
+        if every and (done % every == 0 or done == total):
+            print(f"restore: {label}: step {done}/{total}  {time.monotonic() - started:6.1f}s",
+                  file=sys.stderr, flush=True)
+
+    options = {"chunk_steps": math.gcd(every, save or 0), "on_chunk": report}
+    if save:
+        options.update(checkpoint=inflight_dir(args.output, ids), checkpoint_every=save)
+    return options
+
+
+def inflight_dir(out: Path, ids: list[str]) -> Path:
+    """``OUTPUT/.inflight/<batch id>``: the batch id hashes the batch's identities."""
+    digest = hashlib.sha256("\0".join(ids).encode()).hexdigest()[:16]
+    return out / ".inflight" / digest
+
+
+def _drop_inflight(out: Path, ids: list[str]) -> None:
+    folder = inflight_dir(out, ids)
+    if folder.exists():
+        shutil.rmtree(folder)
+        try:
+            folder.parent.rmdir()
+        except OSError:
+            pass  # another batch's (or process's) checkpoint is still there
+
+
 def _run_batch(batch: list[Job], args, pipe, config, fingerprint: str) -> int:
     from p2l_jax import parallel
 
     data = np.stack([imageio.read_image(j.item.path)[0] for j in batch])
     ids = [j.item.identity for j in batch]
     op = batch[0].operator
+    chunks = chunking(args, ids)
     if args.simulate:
         result = pipe(images=data, operator=op, config=config, seed=args.seed, identities=ids,
-                      sigma=args.sigma, pad_to=args.batch_size)
+                      sigma=args.sigma, pad_to=args.batch_size, **chunks)
         truths = data
     else:
         result = pipe(measurements=data, operator=op, config=config, seed=args.seed,
                       identities=ids, image_size=batch[0].image_size,
-                      pad_to=args.batch_size)
+                      pad_to=args.batch_size, **chunks)
         truths = None
         if all(j.truth is not None for j in batch):
             truths = np.stack([imageio.read_image(j.truth)[0] for j in batch])
@@ -471,4 +543,5 @@ def _run_batch(batch: list[Job], args, pipe, config, fingerprint: str) -> int:
             print(f"restore: {job.item.path}: sampling produced NaN/inf; no image written "
                   f"(see {rec})", file=sys.stderr)
         imageio.write_json(rec, record)
+    _drop_inflight(args.output, ids)
     return failed

@@ -100,7 +100,8 @@ def _solve(model, operator, y, keys, C0, C_neg, *, config, latent_shape):
 
 
 def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | None = None,
-          embedding=None, negative_embedding=None) -> SolveResult:
+          embedding=None, negative_embedding=None, chunk_steps: int | None = None,
+          on_chunk=None, checkpoint=None, checkpoint_every: int | None = None) -> SolveResult:
     """Run the solver ``config`` on measurement ``y = A x + n`` of operator ``operator``.
 
     Args:
@@ -114,9 +115,42 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
         an array argument, so per-sample captions share one compiled program.
       negative_embedding: DDIM guidance's unconditional embedding, instead of
         ``config.negative_prompt``'s.
+      chunk_steps: None (default): one jitted program, one ``lax.scan`` over all steps.
+        k: the chunked mode of :mod:`p2l_jax.solvers.resumable` (jitted calls of one
+        "advance k steps" program, then a decode), with ``on_chunk(steps_done, num_steps)``
+        called between chunks and, given a ``checkpoint`` directory, the in-flight state
+        saved every ``checkpoint_every`` steps (default k) and resumed on a rerun.
     Returns:
       :class:`SolveResult`.
     """
+    if chunk_steps is not None or checkpoint is not None or on_chunk is not None:
+        from p2l_jax.solvers.resumable import solve_chunked
+
+        return solve_chunked(model, operator, y, key, config, chunk_steps, on_chunk=on_chunk,
+                             checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                             latent_size=latent_size, embedding=embedding,
+                             negative_embedding=negative_embedding)
+    p = prepare(model, operator, y, key, config, latent_size=latent_size, embedding=embedding,
+                negative_embedding=negative_embedding)
+    return _solve(model, operator, p.y, p.keys, p.C0, p.C_neg, config=config,
+                  latent_shape=p.latent_shape)
+
+
+class Prepared(NamedTuple):
+    """``solve``'s checked arguments: y (B, ...) or None, per-sample keys (B,), C0 (1 or B,
+    77, d), C_neg (B, 77, d) or None, and the static latent shape (h, w, c)."""
+
+    y: jax.Array | None
+    keys: jax.Array
+    C0: jax.Array
+    C_neg: jax.Array | None
+    latent_shape: tuple[int, int, int]
+
+
+def prepare(model, operator, y, key, config, *, latent_size=None, embedding=None,
+            negative_embedding=None) -> Prepared:
+    """Check ``solve``'s arguments and derive its array inputs (see :func:`solve`); works on
+    concrete arrays and inside a trace."""
     if type(config) not in SOLVERS:
         raise P2LError(f"option config: {type(config).__name__} is not a solver config; "
                        f"known: {', '.join(c.__name__ for c in SOLVERS)}")
@@ -146,7 +180,7 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
         C_neg = (model.text_embeddings([config.negative_prompt]) if negative_embedding is None
                  else _embedding(negative_embedding, batch, "negative_embedding"))
         C_neg = jnp.broadcast_to(C_neg, (batch,) + C0.shape[1:])
-    return _solve(model, operator, y, keys, C0, C_neg, config=config, latent_shape=latent_shape)
+    return Prepared(y, keys, C0, C_neg, latent_shape)
 
 
 def _embedding(C, batch: int, name: str) -> jax.Array:
