@@ -220,6 +220,7 @@ class P2LPipeline:
                 "identity": ident, "seed": int(seed), "status": "ok" if ok else "non-finite",
                 "key": {"derivation": "fold_in(PRNGKey(seed), sha256(identity)[:4] LE)",
                         "value": np.asarray(keys[i]).tolist()},
+                "model": {"path": self.model.path, "dtype": jnp.dtype(self.model.dtype).name},
                 "config": config_record(config), "operator": operator.to_dict(),
                 "sigma": float(sigma) if truth is not None else None,
                 "image_size": list(restored.shape[1:3]),

@@ -279,17 +279,18 @@ def test_pipeline_keys_follow_identity_not_position(tiny_sd1_dir):
         pipe(images=np.zeros((2, 40, 64, 3), np.float32), identities=["a", "b"], **kw)
 
 
-def test_from_pretrained_without_embedded_model_is_a_clear_error():
-    from p2l_jax.errors import P2LError
-    from p2l_jax.model import embedded_model_dir
-    from p2l_jax.pipeline import P2LPipeline
-
-    if (embedded_model_dir() / "model_index.json").is_file():
-        pytest.skip("the embedded model is shipped")
-    with pytest.raises(P2LError, match="embedded default model"):
-        P2LPipeline.from_pretrained(None)
-
-
+def test_restore_on_the_embedded_default_model(tmp_path):
+    """The README's main job at 2 steps: no --model, the packaged example images, SR x4."""
+    examples = Path(__file__).resolve().parents[1] / "docs" / "examples"
+    image = sorted(examples.glob("*.png"))[0]
+    out = tmp_path / "out"
+    assert main(["restore", "--task", "sr", "--scale", "4", "--sigma", "0.01", "--simulate",
+                 "--steps", "2", "--input", str(image), "--output", str(out)]) == 0
+    record = json.loads((out / f"{image.stem}.json").read_text())
+    assert record["status"] == "ok" and np.isfinite(record["metrics"]["psnr"])
+    assert record["model"]["path"].endswith("embedded_model")
+    restored = np.asarray(Image.open(out / f"{image.stem}.png"))
+    assert restored.shape == (64, 64, 3)
 def _png_mem(seed: int):
     import io
 

@@ -15,9 +15,11 @@ from p2l_jax.errors import P2LError
 
 PROJECTIONS = ("prox", "glue", "none")
 
-#: rho [ours, to be tuned on the embedded model]: TReg's P2LSolver used 1.0 (200 steps),
-#: LATINO-PRO 0.05 (999 steps); we take TReg's constant 1.0.
-DEFAULT_RHO = 1.0
+#: rho [ours]: re-implementations used 1.0 (TReg, 200 steps) and 0.05 (LATINO-PRO, 999 steps).
+#: On the embedded model (8 validation images, SR x4, sigma_y 0.01, 50 steps;
+#: ``python -m benchmarks.rho_check sr``) rho = 0.3 beat 0.1 and 1.0 for P2L and 1.0 for LDPS.
+#: A first choice from a small sweep, not a converged tuning (benchmarks/tune_defaults.py).
+DEFAULT_RHO = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,7 @@ class P2LConfig:
       optimizer: prompt optimizer [reimpl: Adam lr 1e-4]; an OptimizerConfig or any optax
         GradientTransformation. Applied per sample (vmapped), so samples never interact.
       rho: latent step rho_t, a constant or a tuple of N per-step values
-        [ours: 1.0, see DEFAULT_RHO].
+        [ours: 0.3, see DEFAULT_RHO].
       projection: "prox" (x* = prox of A at D(z0hat), lambda = lam) [paper default],
         "glue" (x* = A^T y + (I - A^T A) D(z0hat), PSLD-style) or "none".
       gamma: project every gamma steps, at step indices i with (i + 1) % gamma == 0
