@@ -19,6 +19,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import quality  # noqa: E402
+from p2l_jax.solvers.configs import DEFAULT_RHO  # noqa: E402
 
 TASK = "inpaint-box"
 
@@ -193,14 +194,14 @@ def test_harnesses_run_end_to_end_and_share_compiled_programs(tiny, tmp_path):
 
     tune_out = tmp_path / "tune"
     assert tune_defaults.main([*common, "--output", str(tune_out), "--n", "1", "--steps", "2",
-                               "--tasks", TASK, "--p2l-grid", "rho=1.0", "--ldps-grid"]) == 0
+                               "--tasks", TASK, "--p2l-grid", f"rho={DEFAULT_RHO}", "--ldps-grid"]) == 0
     assert compiled_programs() - before == 1   # grid and sweep reused the table's program
     tune = json.loads((tune_out / "tune_defaults.json").read_text())
-    assert tune["best"] == {"p2l": {"rho": 1.0}, "ldps": {}}
+    assert tune["best"] == {"p2l": {"rho": DEFAULT_RHO}, "ldps": {}}
     assert all(data.split_of(i) == "validation" for i in tune["indices"])
     (ev,) = tune["evaluations"]
     assert ev["objective"] == pytest.approx(ev["per_task"][TASK]["mean"])
-    assert "Chosen defaults: p2l: rho=1" in (tune_out / "tune_defaults.md").read_text()
+    assert f"Chosen defaults: p2l: rho={DEFAULT_RHO:g}" in (tune_out / "tune_defaults.md").read_text()
 
     gen_out = tmp_path / "generation"
     assert generation_score.main([*common, "--output", str(gen_out), "--n", "2", "--steps", "2",
