@@ -35,12 +35,6 @@ def _reuse_loaded_models(monkeypatch):
     monkeypatch.setattr(model_module, "load_model", cached)
 
 
-def _needs_solvers():
-    solvers = pytest.importorskip("p2l_jax.solvers")
-    if not hasattr(solvers, "solve"):
-        pytest.skip("p2l_jax.solvers.solve has not landed yet")
-
-
 def _png(path: Path, seed: int, size=(64, 64), mode="RGB") -> Path:
     rs = np.random.RandomState(seed)
     base = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[0], size[1], 3)
@@ -116,7 +110,6 @@ def test_nan_measurement_refused(capsys, tmp_path):
 
 
 def test_model_and_size_errors(capsys, tmp_path, tiny_sd1_dir):
-    _needs_solvers()
     out = tmp_path / "o"
     (tmp_path / "notamodel").mkdir()
     msg = _error(capsys, "--task", "denoise", "--steps", STEPS, "--simulate", "--output", out,
@@ -150,7 +143,6 @@ def test_non_finite_result_reported_per_image(capsys, gt_dir, tmp_path, tiny_sd1
     """A sample that turns NaN gets a record with status non-finite and no PNG; the others
     are written; exit 1. (The solver is replaced by one that fails on the first row of each
     shard, so the reporting path is tested without compiling a sampler.)"""
-    _needs_solvers()
     import jax.numpy as jnp
 
     from p2l_jax import pipeline
@@ -183,7 +175,6 @@ def _records(out: Path) -> dict[str, dict]:
 
 
 def test_simulate_outputs_records_summary_and_resume(capsys, gt_dir, tmp_path, tiny_sd1_dir):
-    _needs_solvers()
     out = tmp_path / "out"
     args = ["--task", "sr", "--scale", "2", "--solver", "ldps", "--steps", STEPS, "--simulate",
             "--seed", "3", "--batch-size", "2", "--model", tiny_sd1_dir, "--grid",
@@ -228,7 +219,6 @@ def test_simulate_outputs_records_summary_and_resume(capsys, gt_dir, tmp_path, t
 
 def test_restore_degrade_outputs_matches_simulate(capsys, tmp_path, tiny_sd1_dir):
     """degrade -> restore equals restore --simulate: same noise, same key per identity."""
-    _needs_solvers()
     src = tmp_path / "src"
     src.mkdir()
     _png(src / "face.png", 5)
@@ -254,7 +244,6 @@ def test_restore_degrade_outputs_matches_simulate(capsys, tmp_path, tiny_sd1_dir
 # ------------------------------------------------------------------------------ Python API
 def test_pipeline_keys_follow_identity_not_position(tiny_sd1_dir):
     """P2LPipeline: swapping two images (and their identities) swaps the results exactly."""
-    _needs_solvers()
     from p2l_jax.operators import SuperResolution
     from p2l_jax.pipeline import P2LPipeline
     from p2l_jax.solvers import LDPSConfig
@@ -307,7 +296,6 @@ def test_eight_fake_devices_match_one_device(capsys, gt_dir, tmp_path, tiny_sd1_
     import subprocess
     import sys
 
-    _needs_solvers()
     args = ["--task", "sr", "--scale", "2", "--solver", "ldps", "--steps", STEPS, "--simulate",
             "--seed", "3", "--batch-size", "2", "--model", tiny_sd1_dir, "--input", gt_dir]
     rc, err = _restore(capsys, *args, "--output", tmp_path / "one")
@@ -338,7 +326,6 @@ def test_two_process_cli_restores_each_image_once(tmp_path, gt_dir, tiny_sd1_dir
     import subprocess
     import sys
 
-    _needs_solvers()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
