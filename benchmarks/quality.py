@@ -34,6 +34,7 @@ from p2l_jax import data, metrics
 from p2l_jax.imageio import atomic_path, write_json
 from p2l_jax.operators import TaskOptions, make_operator, noise_key
 from p2l_jax.parallel import image_keys
+from p2l_jax.pipeline import measure_each
 
 #: The five benchmark tasks of issue 5 (``p2l_jax.operators.TASKS`` names).
 TASKS = ("sr", "gaussian-blur", "motion-blur", "inpaint-box", "inpaint-random")
@@ -124,15 +125,10 @@ def identities(indices) -> list[str]:
     return [str(int(i)) for i in np.asarray(indices).reshape(-1)]
 
 
-@jax.jit
-def _measure_each(operator, x, keys, sigma):
-    return jax.vmap(lambda xi, k: operator.measure(xi[None], k, sigma)[0])(x, keys)
-
-
 def measure(operator, images, ids: Sequence[str], seed: int, sigma: float) -> jax.Array:
     """``y_i = A x_i + sigma n_i``, ``n_i`` from ``noise_key(seed, id_i)`` (the pipeline's rule)."""
     keys = jnp.stack([noise_key(seed, s) for s in ids])
-    return _measure_each(operator, jnp.asarray(images, jnp.float32), keys, jnp.float32(sigma))
+    return measure_each(operator, jnp.asarray(images, jnp.float32), keys, jnp.float32(sigma))
 
 
 # ---- running a solver over a padded, fixed-size batch -------------------------------

@@ -98,7 +98,9 @@ def _finish_shard(batch, model, operator, config):
 
 
 @jax.jit
-def _measure_each(operator, x, keys, sigma):
+@jax.jit
+def measure_each(operator, x, keys, sigma):
+    """``y_i = A x_i + sigma n_i`` with each image's own noise key ``keys[i]``."""
     return jax.vmap(lambda xi, k: operator.measure(xi[None], k, sigma)[0])(x, keys)
 
 
@@ -178,7 +180,7 @@ class P2LPipeline:
                                f"identities, got {truth.shape}")
             operator.validate_shape(truth.shape)
             noise = jnp.stack([noise_key(seed, s) for s in identities])
-            y = _measure_each(operator, truth, noise, jnp.float32(sigma))
+            y = measure_each(operator, truth, noise, jnp.float32(sigma))
         else:
             y = jnp.asarray(measurements, jnp.float32)
             if y.ndim != 4 or y.shape[0] != len(identities):

@@ -64,6 +64,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from p2l_jax import metrics  # noqa: E402
 from p2l_jax.data.shapes import anchor, parse_caption  # noqa: E402
 from p2l_jax.data.shapes import batch as draw_batch, captions as all_captions  # noqa: E402
 from p2l_jax.data.splits import split_indices  # noqa: E402
@@ -293,8 +294,7 @@ def vae_loss(params, graphdef, x, key, stage: VAEStage):
 
 def psnr(x_hat, x):
     """Mean PSNR (dB) of images in [-1, 1] (peak-to-peak 2), x_hat clipped to the range."""
-    mse = jnp.mean((jnp.clip(x_hat, -1, 1) - x) ** 2, axis=(1, 2, 3))
-    return jnp.mean(10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10)))
+    return jnp.mean(metrics.psnr(jnp.clip(x_hat, -1, 1), x))
 
 
 def diffusion_loss(params, graphdefs, batch, key, alphas_cumprod, stage: DiffusionStage,
