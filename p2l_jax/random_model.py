@@ -39,6 +39,12 @@ _SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_pe
            "act_fn": "silu", "sample_size": 512}
 _SD_DOWN = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 _SD_UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+_SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4,
+              "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+              "down_block_types": _SD_DOWN, "up_block_types": _SD_UP,
+              "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+              "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
+              "downsample_padding": 1, "act_fn": "silu"}
 _CLIP_VOCAB = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5}
 
 #: name -> {"unet", "vae", "text_encoder", "scheduler"} config dicts (diffusers format).
@@ -57,12 +63,7 @@ ARCHITECTURES: dict[str, dict[str, dict]] = {
         "scheduler": _SD_SCHEDULER,
     },
     "sd15": {
-        "unet": {"sample_size": 64, "in_channels": 4, "out_channels": 4,
-                 "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-                 "down_block_types": _SD_DOWN, "up_block_types": _SD_UP,
-                 "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
-                 "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
-                 "downsample_padding": 1, "act_fn": "silu"},
+        "unet": _SD15_UNET,
         "vae": _SD_VAE,
         "text_encoder": {**_CLIP_VOCAB, "hidden_size": 768, "intermediate_size": 3072,
                          "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -70,13 +71,9 @@ ARCHITECTURES: dict[str, dict[str, dict]] = {
         "scheduler": _SD_SCHEDULER,
     },
     "sd21": {
-        "unet": {"sample_size": 96, "in_channels": 4, "out_channels": 4,
-                 "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-                 "down_block_types": _SD_DOWN, "up_block_types": _SD_UP,
-                 "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-                 "use_linear_projection": True, "upcast_attention": True,
-                 "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True,
-                 "freq_shift": 0, "downsample_padding": 1, "act_fn": "silu"},
+        "unet": {**_SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024,
+                 "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
+                 "upcast_attention": True},
         "vae": {**_SD_VAE, "sample_size": 768},
         "text_encoder": {**_CLIP_VOCAB, "hidden_size": 1024, "intermediate_size": 4096,
                          "num_hidden_layers": 23, "num_attention_heads": 16,
