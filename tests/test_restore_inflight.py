@@ -12,7 +12,7 @@ from PIL import Image
 
 from p2l_jax.cli import main
 from p2l_jax.solvers.resumable import InflightStore
-from test_restore_cli import (_error, _needs_solvers, _png, _records,  # noqa: F401
+from test_restore_cli import (_error, _png, _records,  # noqa: F401
                                _reuse_loaded_models)
 
 
@@ -21,7 +21,6 @@ class Killed(Exception):
 
 
 def test_restore_resumes_the_inflight_batch(capsys, tmp_path, tiny_sd1_dir, monkeypatch):
-    _needs_solvers()
     src = tmp_path / "gt"
     src.mkdir()
     for i in range(2):
