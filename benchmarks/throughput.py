@@ -173,14 +173,14 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict]:
 
     from benchmarks import flops as flopcount
     from benchmarks.measure import median_time, peak_memory
-    from p2l_jax.solvers.driver import (SOLVERS, _solve, initial_state, make_problem,
-                                        schedule_inputs)
+    from p2l_jax.solvers.driver import (SOLVERS, initial_state, make_problem,
+                                        schedule_inputs, solve_prepared)
 
     config = solver_config(cfg)
     op, y, keys, latent_shape = _problem_arrays(cfg, model)
     C0 = model.text_embeddings([config.prompt])
     log("compiling the solve")
-    solve, compile_s = _lower_compile(_solve, model, op, y, keys, C0, None, config=config,
+    solve, compile_s = _lower_compile(solve_prepared, model, op, y, keys, C0, None, config=config,
                                       latent_shape=latent_shape)
     out = {"compile_s": compile_s}
     if cfg.compile_only:

@@ -10,6 +10,14 @@ with the best objective. The objective is the mean over tasks of the per-task me
 over ``n`` validation images (task settings and scores as benchmarks.restoration_quality; LPIPS
 is minimised, PSNR / SSIM maximised). Identical settings are evaluated once.
 
+Every evaluation is appended, as it finishes, to ``tune_defaults.journal.jsonl`` in the output
+folder; a rerun with the same sweep settings, model and seed reuses the journal's evaluations
+instead of recomputing them (a crash or kill loses at most the evaluation in flight). The
+journal is kept after the final files are written and the grids are not part of its identity,
+so widening a grid after a run computes only the new points. Compiled programs are dropped after each
+evaluation (``jax.clear_caches``): every grid point compiles new ones, and keeping them all
+exhausted the memory of a 24 GiB machine after ten evaluations.
+
 Prints and writes (``tune_defaults.json`` / ``.md``) every evaluation and ``best``: the values
 the solver configs' documented defaults should take (P2LConfig.rho / gamma / lam / num_steps,
 OptimizerConfig.learning_rate, LDPSConfig.rho). ``restoration_quality --settings`` runs the
@@ -20,16 +28,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from benchmarks import quality
 from benchmarks.restoration_quality import apply_setting, restore
 from p2l_jax import data
-from p2l_jax.solvers import LDPSConfig, P2LConfig
+from p2l_jax.solvers import LDPSConfig, P2LConfig, compiled_programs
 
 NAME = "tune_defaults"
 LOWER_IS_BETTER = {"lpips"}
@@ -80,11 +90,48 @@ def current_value(config, name: str):
     return config.optimizer.learning_rate if name == "learning_rate" else getattr(config, name)
 
 
-class Evaluator:
-    """Scores settings of one solver on the validation images; caches by settings."""
+class Journal:
+    """Finished evaluations as JSON lines after a header line identifying the sweep.
 
-    def __init__(self, model, cfg: TuneConfig, seed: int, log=print):
+    ``load()`` returns the records of a journal of the same sweep (a journal of another sweep
+    is removed; a last line cut by a kill is ignored); ``append`` adds one record at once."""
+
+    def __init__(self, path: Path, identity: dict, log=print):
+        self.path, self.identity, self.log = path, quality.plain(identity), log
+
+    def load(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        lines = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                break
+        if not lines or lines[0] != self.identity:
+            self.log(f"{self.path}: a journal of other settings; starting afresh")
+            self.path.unlink()
+            return []
+        self.log(f"{self.path}: reusing {len(lines) - 1} finished evaluations")
+        return lines[1:]
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.is_file()
+        with open(self.path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(json.dumps(self.identity) + "\n")
+            f.write(json.dumps(quality.plain(record)) + "\n")
+
+
+class Evaluator:
+    """Scores settings of one solver on the validation images; caches by settings, and with
+    a :class:`Journal` records each finished evaluation and starts from the journal's."""
+
+    def __init__(self, model, cfg: TuneConfig, seed: int, log=print,
+                 journal: Journal | None = None):
         self.model, self.cfg, self.log = model, cfg, log
+        self.journal = journal
         S = model.image_size
         self.indices = data.split_indices(cfg.split, cfg.n)
         indices = self.indices
@@ -95,16 +142,16 @@ class Evaluator:
         self.ops = {t: quality.operator_for(t, S) for t in cfg.tasks}
         self.ys = {t: np.asarray(quality.measure(op, self.truth, ids, seed, cfg.sigma))
                    for t, op in self.ops.items()}
-        self.records: list[dict] = []
+        self.records: list[dict] = journal.load() if journal is not None else []
 
     def __call__(self, solver: str, base, settings: dict) -> float:
         for r in self.records:
             if r["solver"] == solver and r["settings"] == settings:
-                return r["objective"]
+                return float("nan") if r["objective"] is None else r["objective"]
         config = base
         for name, value in settings.items():
             config = apply_setting(config, name, value)
-        per_task, start = {}, time.perf_counter()
+        per_task, start, programs = {}, time.perf_counter(), compiled_programs()
         for task, op in self.ops.items():
             images, _, _ = restore(self.model, op, self.ys[task], self.keys, config, self.C0,
                                    min(self.cfg.batch_size, self.cfg.n))
@@ -112,8 +159,13 @@ class Evaluator:
             per_task[task] = quality.interval(scores[self.cfg.metric])
         means = [c["mean"] for c in per_task.values() if c["mean"] is not None]
         objective = float(np.mean(means)) if means else float("nan")
-        self.records.append({"solver": solver, "settings": dict(settings), "per_task": per_task,
-                             "objective": objective, "seconds": time.perf_counter() - start})
+        record = {"solver": solver, "settings": dict(settings), "per_task": per_task,
+                  "objective": objective, "seconds": time.perf_counter() - start,
+                  "programs_compiled": compiled_programs() - programs}
+        self.records.append(record)
+        if self.journal is not None:
+            self.journal.append(record)
+        jax.clear_caches()
         self.log(f"{solver} {settings}: {self.cfg.metric} {objective:.4f}")
         return objective
 
@@ -174,7 +226,11 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     model = quality.setup(args)
-    evaluate = Evaluator(model, cfg, args.seed)
+    # what an evaluation depends on (not the grids: a widened grid reuses finished points)
+    scope = dataclasses.replace(cfg, p2l_grid=(), ldps_grid=())
+    journal = Journal(args.output / f"{NAME}.journal.jsonl",
+                      {"scope": scope, "seed": args.seed, "model": str(args.model)})
+    evaluate = Evaluator(model, cfg, args.seed, journal=journal)
     lower = cfg.metric in LOWER_IS_BETTER
     best = {"p2l": sweep(evaluate, "p2l", P2LConfig(num_steps=cfg.steps), cfg.p2l_grid, lower),
             "ldps": sweep(evaluate, "ldps", LDPSConfig(num_steps=cfg.steps), cfg.ldps_grid,

@@ -71,7 +71,7 @@ from p2l_jax.data.splits import split_indices  # noqa: E402
 from p2l_jax.models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from p2l_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from p2l_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
-from p2l_jax.schedule import ScheduleConfig, ddim_update, tweedie  # noqa: E402
+from p2l_jax.schedule import ScheduleConfig  # noqa: E402
 from p2l_jax.tokenizer import default_tokenizer_dir, load_tokenizer, tokenize  # noqa: E402
 from p2l_jax.weights import state_to_torch  # noqa: E402
 
@@ -160,7 +160,7 @@ def get_config(preset: str = "full") -> TrainConfig:
     if preset == "tiny":
         return TrainConfig(
             image_size=32, pool_size=16, eval_size=4, log_every=1, eval_every=100, ckpt_every=3,
-            gen_samples=0,
+            gen_samples=2, gen_steps=2,
             vae=VAEStage(block_out_channels=(8, 8), norm_num_groups=4, crop=16, batch_size=4,
                          steps=6, lr=3e-3, warmup=1),
             diffusion=DiffusionStage(clip_hidden=8, clip_layers=1, clip_intermediate=16,
@@ -488,33 +488,20 @@ def train_diffusion(cfg, fp, latents, ids, val, workdir, log):
     return graphdefs, params, history
 
 
-def generate(graphdefs, params, vae_graphdef, vae_params, scale, ids, null_ids, cfg, key):
-    """DDIM (eta 0) with classifier-free guidance from token ids -> images in [-1, 1]."""
-    sched = ScheduleConfig.from_dict(SCHEDULER)
-    ts = sched.timesteps(cfg.gen_steps)
-    ab_t, ab_p = sched.alpha_bar_pairs(cfg.gen_steps)
-    _, unet_cfg, _ = network_configs(cfg)
-    size = unet_cfg.sample_size
+def generation_check(directory: Path, captions: list, cfg: TrainConfig, key) -> dict:
+    """Load the written directory and sample one image per caption with the library's own DDIM
+    solver (eta 0, classifier-free guidance ``cfg.guidance``), scored by the attribute checker:
+    the check sees exactly what ships, through the same code path users run."""
+    from p2l_jax.data.checker import attribute_accuracy
+    from p2l_jax.model import load_model
+    from p2l_jax.solvers import DDIMConfig, solve
 
-    @jax.jit
-    def run(params, vae_params, ids, key):
-        unet = nnx.merge(graphdefs["unet"], params["unet"])
-        text = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
-        b = ids.shape[0]
-        C = text(jnp.concatenate([jnp.broadcast_to(null_ids, ids.shape), ids]))
-        z = jax.random.normal(key, (b, size, size, unet_cfg.in_channels))
-
-        def body(z, xs):
-            t, a_t, a_p = xs
-            e_neg, e_pos = jnp.split(unet(jnp.concatenate([z, z]), t, C), 2)
-            eps = e_neg + cfg.guidance * (e_pos - e_neg)
-            return ddim_update(tweedie(z, eps, a_t), eps, a_t, a_p), None
-
-        z, _ = jax.lax.scan(body, z, (jnp.asarray(ts, jnp.int32), jnp.asarray(ab_t),
-                                      jnp.asarray(ab_p)))
-        return nnx.merge(vae_graphdef, vae_params).decode(z / scale)
-
-    return np.asarray(run(params, vae_params, ids, key))
+    model = load_model(directory)
+    ddim = DDIMConfig(num_steps=cfg.gen_steps, guidance_scale=cfg.guidance)
+    result = solve(model, None, None, jax.random.split(key, len(captions)), ddim,
+                   embedding=model.text_embeddings(captions))
+    return {"samples": len(captions), "ddim_steps": cfg.gen_steps, "guidance": cfg.guidance,
+            "attribute_accuracy": attribute_accuracy(np.asarray(result.images), captions)}
 
 
 # ----------------------------------------------------------------------------- export
@@ -633,20 +620,13 @@ def run(cfg: TrainConfig, output: Path, workdir: Path, log=print) -> dict:
         "params": {k: int(sum(x.size for x in jax.tree_util.tree_leaves(p))) for k, p in
                    {"vae": vae_params, **diff_params}.items()},
     }
+    tmp = write_model(output, cfg, scale, {"vae": vae_params, **diff_params})
     if cfg.gen_samples:
         t0 = time.time()
-        gen_caps = val_caps[:cfg.gen_samples]
-        from p2l_jax.data.checker import attribute_accuracy
-
-        images = generate(diff_graphdefs, diff_params, vae_graphdef, vae_params, scale,
-                          jnp.asarray(table[[row[c] for c in gen_caps]]), jnp.asarray(table[-1]),
-                          cfg, jax.random.key(cfg.seed + 5))
-        summary["generation"] = {"samples": len(gen_caps), "ddim_steps": cfg.gen_steps,
-                                 "guidance": cfg.guidance,
-                                 "attribute_accuracy": attribute_accuracy(images, gen_caps)}
+        summary["generation"] = generation_check(tmp, val_caps[:cfg.gen_samples], cfg,
+                                                 jax.random.key(cfg.seed + 5))
         timings["generation_s"] = round(time.time() - t0, 1)
         log(f"generation check: {summary['generation']}")
-    tmp = write_model(output, cfg, scale, {"vae": vae_params, **diff_params})
     summary["shipped"] = verify(tmp, val_images)
     timings["total_s"] = round(time.time() - t_start, 1)
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")

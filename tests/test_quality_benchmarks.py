@@ -75,6 +75,25 @@ def test_coordinate_sweep_keeps_the_best_value_of_each_axis():
     assert best == {"rho": 0.3, "gamma": 8}
 
 
+def test_tuning_journal_resumes_same_sweep_and_drops_others(tmp_path):
+    from benchmarks.tune_defaults import Journal
+
+    path, logs = tmp_path / "out" / "j.jsonl", []
+    journal = Journal(path, {"scope": {"n": 8, "tasks": ("sr",)}, "seed": 0}, logs.append)
+    assert journal.load() == []
+    records = [{"solver": "p2l", "settings": {"rho": 0.3}, "objective": 20.5},
+               {"solver": "ldps", "settings": {"rho": 1.0}, "objective": float("nan")}]
+    for r in records:
+        journal.append(r)
+    with open(path, "a") as f:
+        f.write('{"solver": "p2l", "sett')           # a record cut by a kill
+    again = Journal(path, {"scope": {"n": 8, "tasks": ["sr"]}, "seed": 0}, logs.append)
+    assert again.load() == [records[0], {**records[1], "objective": None}]
+    other = Journal(path, {"scope": {"n": 16, "tasks": ["sr"]}, "seed": 0}, logs.append)
+    assert other.load() == [] and not path.exists()
+    assert "reusing 2" in logs[0] and "other settings" in logs[1]
+
+
 def test_full_run_estimate_scales_measured_step_times():
     from benchmarks.restoration_quality import RestorationConfig, estimate_full_seconds
 
@@ -195,11 +214,14 @@ def test_harnesses_run_end_to_end_and_share_compiled_programs(tiny, tmp_path):
     tune_out = tmp_path / "tune"
     assert tune_defaults.main([*common, "--output", str(tune_out), "--n", "1", "--steps", "2",
                                "--tasks", TASK, "--p2l-grid", f"rho={DEFAULT_RHO}", "--ldps-grid"]) == 0
-    assert compiled_programs() - before == 1   # grid and sweep reused the table's program
     tune = json.loads((tune_out / "tune_defaults.json").read_text())
     assert tune["best"] == {"p2l": {"rho": DEFAULT_RHO}, "ldps": {}}
     assert all(data.split_of(i) == "validation" for i in tune["indices"])
     (ev,) = tune["evaluations"]
+    assert ev["programs_compiled"] == 0        # the grid point reused the table's program
+    assert compiled_programs() == 0            # ... and dropped it afterwards
+    journal = (tune_out / "tune_defaults.journal.jsonl").read_text().splitlines()
+    assert len(journal) == 2 and json.loads(journal[1])["objective"] == ev["objective"]
     assert ev["objective"] == pytest.approx(ev["per_task"][TASK]["mean"])
     assert f"Chosen defaults: p2l: rho={DEFAULT_RHO:g}" in (tune_out / "tune_defaults.md").read_text()
 

@@ -280,6 +280,8 @@ def test_restore_on_the_embedded_default_model(tmp_path):
     assert record["model"]["path"].endswith("embedded_model")
     restored = np.asarray(Image.open(out / f"{image.stem}.png"))
     assert restored.shape == (64, 64, 3)
+
+
 def _png_mem(seed: int):
     import io
 

@@ -78,6 +78,24 @@ def test_directory_layout_configs_and_size(trained):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
+def test_generation_check_scores_samples_of_the_written_model(trained):
+    """The final check samples the exported directory with the library's DDIM solver and
+    scores every attribute plus the mean (a value in [0, 1], not a placeholder)."""
+    script, out, _, summary, _ = trained
+    gen = summary["generation"]
+    cfg = script.get_config("tiny")
+    assert (gen["samples"], gen["ddim_steps"], gen["guidance"]) == (
+        cfg.gen_samples, cfg.gen_steps, cfg.guidance)
+    acc = gen["attribute_accuracy"]
+    from p2l_jax.data import ATTRIBUTES
+
+    assert set(acc) == set(ATTRIBUTES) | {"all"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    assert acc["all"] == pytest.approx(np.mean([acc[a] for a in ATTRIBUTES]))
+    recorded = json.loads((out / "training_summary.json").read_text())
+    assert recorded["generation"] == gen
+
+
 def test_diffusers_transformers_and_p2l_agree(trained):
     _, out, _, _, _ = trained
     torch = pytest.importorskip("torch")

@@ -53,7 +53,6 @@ import hashlib
 import io
 import json
 import math
-import re
 import shutil
 import sys
 import time
@@ -62,11 +61,10 @@ from pathlib import Path
 import numpy as np
 
 from p2l_jax import imageio
+from p2l_jax.cli.inputs import Item, collect_inputs
+from p2l_jax.cli.solver_options import SOLVERS, solver_config
 from p2l_jax.errors import P2LError
 
-SOLVERS = {"p2l": "P2LConfig", "ldps": "LDPSConfig", "gml-dps": "GMLDPSConfig",
-           "psld": "PSLDConfig"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_SIGMA = 0.05
 
 
@@ -109,71 +107,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-# ------------------------------------------------------------------------------- inputs
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One image to restore: ``identity`` (input stem) and where its data comes from."""
-
-    identity: str
-    path: Path                      # the image, or the measurement .npy
-    sidecar: dict | None = None     # degrade sidecar for measurements
-
-    @property
-    def name(self) -> str:
-        """Output file stem: the identity restricted to ``[A-Za-z0-9._-]``, never hidden."""
-        return re.sub(r"^\.", "_", re.sub(r"[^A-Za-z0-9._-]", "_", self.identity))
-
-
-def _sidecar(path: Path) -> dict | None:
-    side = path.with_suffix(".json")
-    if not side.is_file():
-        return None
-    record = imageio.read_json(side)
-    return record if isinstance(record, dict) and "operator" in record else None
-
-
-def _item(path: Path) -> Item | None:
-    suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES | {".npy", ".json"}:
-        return None
-    side = _sidecar(path)
-    if side is not None:
-        npy = path.with_suffix(".npy")
-        if not npy.is_file():
-            raise P2LError(f"{path.with_suffix('.json')}: degrade sidecar without {npy.name}")
-        return Item(path.stem, npy, side)
-    return Item(path.stem, path) if suffix in IMAGE_SUFFIXES or suffix == ".npy" else None
-
-
-def collect_inputs(paths: list[Path]) -> list[Item]:
-    """Items of the ``--input`` paths, sorted by identity; one per stem."""
-    items: dict[str, Item] = {}
-    for path in paths:
-        if not path.exists():
-            raise P2LError(f"--input {path}: no such file or folder")
-        if path.is_dir():
-            found = [i for i in map(_item, sorted(p for p in path.iterdir() if p.is_file())) if i]
-            if not found:
-                raise P2LError(f"--input {path}: folder has no images or degrade outputs")
-        else:
-            found = [_item(path)]
-            if found[0] is None:
-                raise P2LError(f"--input {path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))})"
-                               " or a degrade output")
-        for item in found:
-            old = items.get(item.identity)
-            if old is not None and old.path != item.path:
-                raise P2LError(f"{item.path}: same stem as {old.path}; outputs would collide")
-            items[item.identity] = item
-    names = {}
-    for item in items.values():
-        if item.name in names:
-            raise P2LError(f"{item.path}: output name {item.name!r} collides with "
-                           f"{names[item.name]}")
-        names[item.name] = item.path
-    return sorted(items.values(), key=lambda i: i.identity)
-
-
 # ------------------------------------------------------------------------------ checks
 def _check_options(args) -> None:
     if args.steps <= 0:
@@ -195,62 +128,6 @@ def _check_options(args) -> None:
 
     if args.task is not None and args.task not in TASKS:
         raise P2LError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
-
-
-def solver_config(args):
-    """The frozen solver config of ``--solver`` with ``--steps`` (and ``--prompt``)."""
-    import p2l_jax.solvers as solvers
-
-    cls = getattr(solvers, SOLVERS[args.solver])
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {"num_steps": args.steps}
-    if args.prompt is not None:
-        if "prompt" not in fields:
-            raise P2LError(f"--prompt is not an option of --solver {args.solver}")
-        kwargs["prompt"] = args.prompt
-    config = cls(**kwargs)
-    for item in args.overrides:
-        config = override_field(config, item, f"--solver {args.solver}")
-    return config
-
-
-def _coerce(text: str, current, option: str):
-    """Parse ``text`` as the type of the field's current value (bool, int, float, str)."""
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise P2LError(f"{option}: expected true/false, got {text!r}")
-    for kind in (int, float):
-        if isinstance(current, kind):
-            try:
-                return kind(text)
-            except ValueError:
-                raise P2LError(f"{option}: expected {kind.__name__}, got {text!r}") from None
-    return text
-
-
-def override_field(config, assignment: str, owner: str):
-    """``config`` with one ``FIELD=VALUE`` (or ``FIELD.SUBFIELD=VALUE``) replaced."""
-    name, sep, text = assignment.partition("=")
-    if not sep or not name:
-        raise P2LError(f"--set {assignment!r}: expected FIELD=VALUE")
-    head, _, rest = name.partition(".")
-    fields = {f.name for f in dataclasses.fields(config)}
-    if head not in fields:
-        raise P2LError(f"--set {name}: not an option of {owner}; options: {', '.join(sorted(fields))}")
-    current = getattr(config, head)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise P2LError(f"--set {name}: {head} has no sub-options")
-        value = override_field(current, f"{rest}={text}", f"{owner} {head}")
-    else:
-        value = _coerce(text, current, f"--set {name}")
-    try:
-        return dataclasses.replace(config, **{head: value})
-    except (TypeError, ValueError) as err:
-        raise P2LError(f"--set {name}={text}: {err}") from None
 
 
 @dataclasses.dataclass

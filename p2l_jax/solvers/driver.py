@@ -89,7 +89,11 @@ def initial_state(problem: Problem, C0, latent_shape) -> State:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "latent_shape"))
-def _solve(model, operator, y, keys, C0, C_neg, *, config, latent_shape):
+def solve_prepared(model, operator, y, keys, C0, C_neg, *, config, latent_shape):
+    """The one compiled program behind :func:`solve`: arguments as :func:`prepare` returns
+    them (per-sample ``keys``, starting embedding ``C0``, DDIM's ``C_neg`` or None) and the
+    static latent shape (h, w, c). Public so benchmarks can ``.lower(...).compile()`` it and
+    read XLA's cost and memory analyses of exactly what ``solve`` runs."""
     problem = make_problem(model, operator, y, keys, config, C_neg)
     step = SOLVERS[type(config)]
     state = initial_state(problem, C0, latent_shape)
@@ -132,7 +136,7 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
                              negative_embedding=negative_embedding)
     p = prepare(model, operator, y, key, config, latent_size=latent_size, embedding=embedding,
                 negative_embedding=negative_embedding)
-    return _solve(model, operator, p.y, p.keys, p.C0, p.C_neg, config=config,
+    return solve_prepared(model, operator, p.y, p.keys, p.C0, p.C_neg, config=config,
                   latent_shape=p.latent_shape)
 
 
@@ -192,7 +196,7 @@ def _embedding(C, batch: int, name: str) -> jax.Array:
 
 def compiled_programs() -> int:
     """How many programs the driver has compiled so far in this process."""
-    return _solve._cache_size()
+    return solve_prepared._cache_size()
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
