@@ -61,3 +61,17 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     assert "step_time_s" in record["torch"]["eager"] and "eager" in record["jax_over_torch"]
     header, _, row = md.read_text().splitlines()
     assert header.count("|") == row.count("|")
+
+
+def test_cpu_breakdown_times_every_network_pass_in_both_frameworks(capsys):
+    pytest.importorskip("diffusers")
+    from benchmarks import cpu_breakdown
+
+    assert cpu_breakdown.main(["--model", "tiny", "--repeats", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| pass")]
+    assert [r[0].strip() for r in rows] == ["unet forward", "unet vjp (z, C)",
+                                            "decoder forward", "decoder vjp (z)"]
+    for _, jax_s, torch_s, ratio in rows:
+        assert float(jax_s) > 0 and float(torch_s) > 0
+        assert float(ratio) == pytest.approx(float(jax_s) / float(torch_s), rel=0.02, abs=0.01)

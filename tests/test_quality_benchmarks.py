@@ -260,3 +260,22 @@ def test_restoration_table_with_every_method(tiny, tmp_path):
     assert record["full_run_estimate"]["seconds"] > 0
     md = (out / "restoration_quality.md").read_text()
     assert "Prompt diagnostics" in md and "| p2l-no-prompt |" in md
+
+
+def test_conditioning_check_swaps_one_word_and_scores_every_column(tiny):
+    from benchmarks import conditioning_check
+    from p2l_jax import data
+
+    attrs = {"size": "large", "color": "magenta", "texture": "solid", "shape": "cross",
+             "background": "dark", "position": "center"}
+    assert conditioning_check.swapped(attrs, "color")["color"] == "red"      # wraps around
+    assert conditioning_check.swapped(attrs, "shape")["shape"] == "circle"
+    assert conditioning_check.swapped(attrs, None) == attrs
+    _, model = tiny
+    idx = data.split_indices("validation", 2)
+    images, _, attributes = data.batch(idx, model.image_size)
+    table = conditioning_check.losses(model, images, attributes, [10, 900])
+    assert list(table) == ["true", *data.ATTRIBUTES, "null"]
+    assert all(len(v) == 2 and np.all(np.isfinite(v)) for v in table.values())
+    # the null prompt's embedding differs from the captions', so its loss differs
+    assert table["null"] != table["true"]

@@ -1,0 +1,96 @@
+"""Where a P2L step's time goes: each network pass, JAX vs PyTorch, same weights and inputs.
+
+    python -m benchmarks.cpu_breakdown [--model embedded|tiny|sd15|sd21|DIR] [--resolution PX]
+        [--repeats 5]
+
+A P2L step (``full`` gradient) is two forward + input-gradient passes through UNet and
+decoder (prompt update, latent update). This times each piece alone, jitted in JAX and in
+PyTorch eager (diffusers modules carrying the same parameters, ``benchmarks.torch_baseline``),
+at batch 1, float32, t = 500: UNet forward, UNet vjp w.r.t. (z_t, C), decoder forward and
+decoder vjp w.r.t. z. Prints seconds (median of ``--repeats``) and the ratio JAX / torch, so
+a slower end-to-end step can be traced to the network pass that causes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from benchmarks.cpu_conv import median_seconds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from benchmarks.throughput import BenchConfig, build_model
+    from benchmarks.torch_baseline import torch_modules
+
+    model, dicts = build_model(BenchConfig(model=args.model, resolution=args.resolution))
+    side = (args.resolution or model.image_size) // model.vae_scale_factor
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((1, side, side, model.latent_channels)).astype(np.float32)
+    C = np.asarray(model.text_embeddings([""]))
+    t = 500
+    x_shape = (1, side * model.vae_scale_factor, side * model.vae_scale_factor, 3)
+    gx = np.ones(x_shape, np.float32)
+
+    def unet_vjp(m, z, C):
+        out, pull = jax.vjp(lambda z, C: m.eps(z, jnp.asarray([t]), C), z, C)
+        return pull(jnp.ones_like(out))
+
+    def dec_vjp(m, z, g):
+        return jax.vjp(m.decode, z)[1](g)[0]
+
+    jax_parts = {
+        "unet forward": (jax.jit(lambda m, z, C: m.eps(z, jnp.asarray([t]), C)), (model, z, C)),
+        "unet vjp (z, C)": (jax.jit(unet_vjp), (model, z, C)),
+        "decoder forward": (jax.jit(lambda m, z: m.decode(z)), (model, z)),
+        "decoder vjp (z)": (jax.jit(dec_vjp), (model, z, gx)),
+    }
+    unet, vae, _ = torch_modules(model, dicts, "float32")
+    zt = torch.from_numpy(z).permute(0, 3, 1, 2).contiguous()
+    Ct, gt = torch.from_numpy(C), torch.from_numpy(gx).permute(0, 3, 1, 2).contiguous()
+    tt = torch.tensor([t])
+
+    def t_unet_fwd():
+        with torch.no_grad():
+            unet(zt, tt, encoder_hidden_states=Ct).sample
+
+    def t_unet_vjp():
+        a, b = zt.clone().requires_grad_(True), Ct.clone().requires_grad_(True)
+        out = unet(a, tt, encoder_hidden_states=b).sample
+        torch.autograd.grad(out, (a, b), torch.ones_like(out))
+
+    def t_dec_fwd():
+        with torch.no_grad():
+            vae.decode(zt).sample
+
+    def t_dec_vjp():
+        a = zt.clone().requires_grad_(True)
+        torch.autograd.grad(vae.decode(a).sample, a, gt)
+
+    torch_parts = {"unet forward": t_unet_fwd, "unet vjp (z, C)": t_unet_vjp,
+                   "decoder forward": t_dec_fwd, "decoder vjp (z)": t_dec_vjp}
+    print(f"model {args.model}, {x_shape[1]} px, batch 1, float32, median of {args.repeats}; "
+          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads)\n")
+    print("| pass | JAX s | torch eager s | JAX / torch |")
+    print("|---|---|---|---|")
+    for name, (fn, fargs) in jax_parts.items():
+        j = median_seconds(lambda: jax.block_until_ready(fn(*fargs)), args.repeats)
+        tr = median_seconds(torch_parts[name], args.repeats)
+        print(f"| {name} | {j:.4g} | {tr:.4g} | {j / tr:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
