@@ -54,7 +54,7 @@ def setup(tiny_sd1_dir):
 
 
 def _t(a):  # NHWC jax -> NCHW torch
-    return torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous()  # writable copy
 
 
 def _rel(a, b):
