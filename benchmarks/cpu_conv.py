@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-
-import numpy as np
 
 #: (label, side, channels): embedded decoder at 64 px; SD 1.5 decoder at 128 px
 SHAPES = (("embedded 64x64x16", 64, 16), ("embedded 32x32x32", 32, 32),
@@ -26,14 +23,11 @@ SHAPES = (("embedded 64x64x16", 64, 16), ("embedded 32x32x32", 32, 32),
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """Median seconds of ``fn()`` after two untimed calls (:func:`benchmarks.measure.median_time`,
+    which also waits for JAX results)."""
+    from benchmarks.measure import median_time
+
+    return median_time(fn, repeats, warmup=2)[0]
 
 
 def time_jax(side: int, ch: int, batch: int, repeats: int) -> tuple[float, float]:
@@ -50,8 +44,8 @@ def time_jax(side: int, ch: int, batch: int, repeats: int) -> tuple[float, float
     fwd = jax.jit(conv)
     bwd = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     g = jnp.ones_like(x)
-    f_s = median_seconds(lambda: fwd(x, w).block_until_ready(), repeats)
-    b_s = median_seconds(lambda: bwd(x, w, g).block_until_ready(), repeats)
+    f_s = median_seconds(lambda: fwd(x, w), repeats)
+    b_s = median_seconds(lambda: bwd(x, w, g), repeats)
     return f_s, b_s
 
 
