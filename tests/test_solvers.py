@@ -148,9 +148,9 @@ def _torch_step(setup, z, C, index, cfg):
     sch = setup["torch"]["scheduler"]
     sch.set_timesteps(cfg.num_steps)
     t = int(sch.timesteps[index])
-    Ct = torch.from_numpy(np.asarray(C)).clone().requires_grad_(True)
+    Ct = torch.from_numpy(np.array(C)).requires_grad_(True)
     opt = torch.optim.Adam([Ct], lr=cfg.optimizer.learning_rate)
-    A = ref.TorchInpainting(torch.from_numpy(setup["mask"])[None, None])
+    A = ref.TorchInpainting(torch.from_numpy(np.array(setup["mask"]))[None, None])
     return ref.guided_step_reference(setup["torch"]["unet"], setup["torch"]["vae"], sch, _t(z), t,
                                      Ct, opt, _t(setup["y"]), A, tune=True, K=1, project=False,
                                      lam=1.0)
