@@ -85,7 +85,7 @@ def markdown(record: dict) -> str:
         "Generation: attribute accuracy of DDIM samples from held-out captions",
         record["command"], record["machine"],
         [f"{cfg['n']} captions of the {cfg['split']} split, DDIM {cfg['steps']} steps, eta 0, "
-         f"guidance {cfg['guidance_scale']}, model `{record['model']}`",
+         f"guidance {cfg['guidance_scale']}, model `{quality.model_label(record)}`",
          f"Intervals: {quality.PROPORTION_METHOD}. Target: overall >= {TARGET:.0%} -> "
          f"**{'met' if record['meets_target'] else 'not met'}** "
          f"({g['accuracy']['all']:.1%})"])
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     reference.pop("missed")
     record = {
         "command": quality.command_line(argv, "benchmarks.generation_score"),
-        "machine": quality.machine(), "model": args.model, "seed": args.seed,
+        "machine": quality.machine(), "model": args.model,
+        "model_digest": quality.model_digest(str(args.model)), "seed": args.seed,
         "config": cfg, "target": TARGET,
         "meets_target": generated["accuracy"]["all"] >= TARGET,
         "generated": generated, "dataset_images": reference,

@@ -74,6 +74,28 @@ def load(model: str):
     return p2l_jax.load_model(None if model == EMBEDDED else model)
 
 
+def model_digest(model: str) -> str:
+    """SHA-256 (first 16 hex digits) of a model directory's configs and weights, so records of
+    a retrained model at the same path are never mistaken for the old model's."""
+    import hashlib
+
+    from p2l_jax.model import embedded_model_dir
+
+    root = embedded_model_dir() if model == EMBEDDED else Path(model)
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin") and \
+                f.name != "training_summary.json":
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_label(record: dict) -> str:
+    """``path`` or ``path@digest`` (records written before digests were kept have none)."""
+    digest = record.get("model_digest")
+    return f"{record['model']}@{digest}" if digest else str(record["model"])
+
+
 def machine() -> dict[str, Any]:
     """The machine a figure came from: JAX device, host, CPU model and count, load."""
     from benchmarks.throughput import device_info

@@ -238,7 +238,7 @@ def markdown(record: dict) -> str:
     by = {(c["task"], c["sigma"], c["method"]): c for c in cells}
     est = record.get("full_run_estimate") or {}
     extra = [f"{cfg['n']} {cfg['split']}-split images, {cfg['steps']} DDIM steps per diffusion "
-             f"method, batch {cfg['batch_size']}, model `{record['model']}`, seed {record['seed']}",
+             f"method, batch {cfg['batch_size']}, model `{quality.model_label(record)}`, seed {record['seed']}",
              f"Intervals: {quality.INTERVAL_METHOD}; cells show mean ± half-width.",
              f"Wall time: {record['timing']['total_s'] / 60:.1f} min"
              + (f"; estimated full table on this machine: {est['seconds'] / 3600:.1f} h"
@@ -339,7 +339,8 @@ def main(argv=None) -> int:
     model = quality.setup(args)
     result = summarize(run(model, cfg, args.seed))
     record = {"command": quality.command_line(argv, "benchmarks.restoration_quality"),
-              "machine": quality.machine(), "model": args.model, "seed": args.seed,
+              "machine": quality.machine(), "model": args.model,
+              "model_digest": quality.model_digest(str(args.model)), "seed": args.seed,
               "config": cfg, "interval_method": quality.INTERVAL_METHOD,
               "operators": {t: repr(quality.operator_for(t, model.image_size)) for t in cfg.tasks},
               **result, "timing": {"total_s": time.perf_counter() - start}}

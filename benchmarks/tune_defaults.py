@@ -11,7 +11,7 @@ over ``n`` validation images (task settings and scores as benchmarks.restoration
 is minimised, PSNR / SSIM maximised). Identical settings are evaluated once.
 
 Every evaluation is appended, as it finishes, to ``tune_defaults.journal.jsonl`` in the output
-folder; a rerun with the same sweep settings, model and seed reuses the journal's evaluations
+folder; a rerun with the same sweep settings, model (path and weights' digest) and seed reuses the journal's evaluations
 instead of recomputing them (a crash or kill loses at most the evaluation in flight). The
 journal is kept after the final files are written and the grids are not part of its identity,
 so widening a grid after a run computes only the new points. Compiled programs are dropped after each
@@ -189,7 +189,7 @@ def markdown(record: dict) -> str:
         [f"{cfg['n']} {cfg['split']}-split images, tasks {', '.join(cfg['tasks'])}, "
          f"sigma_y {cfg['sigma']}, base {cfg['steps']} steps, objective: mean {cfg['metric']} "
          f"over tasks ({'lower' if cfg['metric'] in LOWER_IS_BETTER else 'higher'} is better), "
-         f"coordinate sweep, model `{record['model']}`"])
+         f"coordinate sweep, model `{quality.model_label(record)}`"])
     tasks = cfg["tasks"]
     lines += ["| solver | settings | " + " | ".join(tasks) + " | objective |",
               "|---" * (len(tasks) + 3) + "|"]
@@ -229,14 +229,16 @@ def main(argv=None) -> int:
     # what an evaluation depends on (not the grids: a widened grid reuses finished points)
     scope = dataclasses.replace(cfg, p2l_grid=(), ldps_grid=())
     journal = Journal(args.output / f"{NAME}.journal.jsonl",
-                      {"scope": scope, "seed": args.seed, "model": str(args.model)})
+                      {"scope": scope, "seed": args.seed, "model": str(args.model),
+                       "weights": quality.model_digest(str(args.model))})
     evaluate = Evaluator(model, cfg, args.seed, journal=journal)
     lower = cfg.metric in LOWER_IS_BETTER
     best = {"p2l": sweep(evaluate, "p2l", P2LConfig(num_steps=cfg.steps), cfg.p2l_grid, lower),
             "ldps": sweep(evaluate, "ldps", LDPSConfig(num_steps=cfg.steps), cfg.ldps_grid,
                           lower)}
     record = {"command": quality.command_line(argv, "benchmarks.tune_defaults"),
-              "machine": quality.machine(), "model": args.model, "seed": args.seed,
+              "machine": quality.machine(), "model": args.model,
+              "model_digest": quality.model_digest(str(args.model)), "seed": args.seed,
               "config": cfg, "indices": [int(i) for i in evaluate.indices],
               "evaluations": evaluate.records, "best": best,
               "timing": {"total_s": time.perf_counter() - start}}

@@ -94,6 +94,27 @@ def test_tuning_journal_resumes_same_sweep_and_drops_others(tmp_path):
     assert "reusing 2" in logs[0] and "other settings" in logs[1]
 
 
+def test_model_digest_follows_weights_not_path_or_summary(tmp_path):
+    """The journal's model identity: the same files anywhere give the same digest; a changed
+    weight file (a retrained model at the same path) a new one; the training summary none."""
+    import shutil
+
+    from benchmarks.quality import EMBEDDED, model_digest
+    from p2l_jax.model import embedded_model_dir
+
+    copy = tmp_path / "m"
+    shutil.copytree(embedded_model_dir(), copy)
+    digest = model_digest(str(copy))
+    assert digest == model_digest(EMBEDDED)
+    (copy / "training_summary.json").write_text("{}")
+    assert model_digest(str(copy)) == digest
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_digest(str(copy)) != digest
+
+
 def test_full_run_estimate_scales_measured_step_times():
     from benchmarks.restoration_quality import RestorationConfig, estimate_full_seconds
 
