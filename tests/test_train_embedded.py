@@ -147,3 +147,26 @@ def test_rerun_resumes_from_checkpoints(trained, tmp_path):
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
                  "vae/diffusion_pytorch_model.safetensors", "vae/config.json"):
         assert (tmp_path / "again" / part).read_bytes() == (out / part).read_bytes(), part
+
+
+def test_new_diffusion_config_reuses_the_autoencoder(trained, tmp_path):
+    """The autoencoder checkpoint is keyed by the autoencoder's own fields: a changed diffusion
+    stage resumes the finished autoencoder and trains the diffusion stage from scratch."""
+    import dataclasses
+    import shutil
+
+    script, out, work, _, _ = trained
+    cfg = script.get_config("tiny")
+    changed = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, lr=1e-3))
+    assert script.fingerprint(changed, "vae") == script.fingerprint(cfg, "vae")
+    assert script.fingerprint(changed) != script.fingerprint(cfg)
+    shutil.copytree(work, tmp_path / "work")
+    logs = []
+    script.run(changed, tmp_path / "model", tmp_path / "work", logs.append)
+    assert [line for line in logs if "resumed" in line] == \
+        [f"vae: resumed from {tmp_path / 'work' / 'vae_ckpt.npz'} at step 6"], logs
+    assert any("diffusion: step 6/6 loss" in line for line in logs)
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "model" / vae).read_bytes() == (out / vae).read_bytes()
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "model" / unet).read_bytes() != (out / unet).read_bytes()
