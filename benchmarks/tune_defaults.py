@@ -228,9 +228,10 @@ def main(argv=None) -> int:
     model = quality.setup(args)
     # what an evaluation depends on (not the grids: a widened grid reuses finished points)
     scope = dataclasses.replace(cfg, p2l_grid=(), ldps_grid=())
+    digest = quality.model_digest(str(args.model))
     journal = Journal(args.output / f"{NAME}.journal.jsonl",
                       {"scope": scope, "seed": args.seed, "model": str(args.model),
-                       "weights": quality.model_digest(str(args.model))})
+                       "weights": digest})
     evaluate = Evaluator(model, cfg, args.seed, journal=journal)
     lower = cfg.metric in LOWER_IS_BETTER
     best = {"p2l": sweep(evaluate, "p2l", P2LConfig(num_steps=cfg.steps), cfg.p2l_grid, lower),
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
                           lower)}
     record = {"command": quality.command_line(argv, "benchmarks.tune_defaults"),
               "machine": quality.machine(), "model": args.model,
-              "model_digest": quality.model_digest(str(args.model)), "seed": args.seed,
+              "model_digest": digest, "seed": args.seed,
               "config": cfg, "indices": [int(i) for i in evaluate.indices],
               "evaluations": evaluate.records, "best": best,
               "timing": {"total_s": time.perf_counter() - start}}
