@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import platform
 import re
@@ -318,6 +319,42 @@ def update_section(path: Path, name: str, markdown: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+class Journal:
+    """Finished pieces of a long benchmark (tuning evaluations, table cells) as JSON lines after
+    a header line identifying the run's settings.
+
+    ``load()`` returns the records of a journal with the same identity (a journal of other
+    settings is removed; a last line cut by a kill is ignored); ``append`` adds one record at
+    once, so a crash or kill loses at most the piece in flight."""
+
+    def __init__(self, path: Path, identity: dict, log=print):
+        self.path, self.identity, self.log = path, plain(identity), log
+
+    def load(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        lines = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                break
+        if not lines or lines[0] != self.identity:
+            self.log(f"{self.path}: a journal of other settings; starting afresh")
+            self.path.unlink()
+            return []
+        self.log(f"{self.path}: reusing {len(lines) - 1} finished records")
+        return lines[1:]
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.is_file()
+        with open(self.path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(json.dumps(self.identity) + "\n")
+            f.write(json.dumps(plain(record)) + "\n")
 
 
 def header(title: str, command: str, m: dict, extra: Sequence[str] = ()) -> list[str]:

@@ -11,7 +11,10 @@ method: keys from ``(seed, index)``):
 * ``p2l``                P2LConfig (prompt tuning + projection), ``p2l-no-prompt``
   (tune_prompt=False), ``p2l-no-projection`` (projection="none");
 * ``ldps``, ``gml-dps``, ``psld`` (box inpainting: omega 0.1, gamma 0.01, as Rout et al.);
-* ``pseudo-inverse``     the operator's Tikhonov pseudo-inverse, the no-prior reference;
+* ``pseudo-inverse``     the operator's pseudo-inverse ``(A^T A + lam I)^{-1} A^T y`` with the
+  library's small default lam (:data:`p2l_jax.operators.PINV_LAM`), the no-prior reference;
+* ``tikhonov``           the same with lam chosen from :data:`TIKHONOV_GRID` per task and noise
+  level by mean PSNR on ``n`` validation-split images: the no-prior reference at its best;
 * ``p2l-oracle``         P2L without tuning, started from the TRUE caption's embedding;
 * ``ground-truth``       the reference row: the clean image scored the same way.
 
@@ -29,6 +32,12 @@ true caption, and P2L minus P2L-without-tuning (the null prompt).
 
 Writes ``restoration_quality.json`` (with every per-image score) and ``.md``; ``--quick`` also
 records the estimated wall time of the full table from its own measured per-step times.
+
+Each finished cell is appended to ``restoration_quality.journal.jsonl`` in ``--output``. A rerun
+with the same model weights, seed, images, steps, batch size and solver settings reuses the
+finished cells: a killed run resumes, and a widened table (more tasks, noise levels or methods)
+computes only its new cells. When there is no journal yet, the cells of an earlier
+``restoration_quality.json`` with the same settings seed it.
 """
 
 from __future__ import annotations
@@ -41,17 +50,22 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import quality
-from p2l_jax import data
+from p2l_jax import data, metrics
 from p2l_jax.operators import PINV_LAM
 from p2l_jax.solvers import GMLDPSConfig, LDPSConfig, OptimizerConfig, P2LConfig, PSLDConfig
 
 NAME = "restoration_quality"
-METHODS = ("pseudo-inverse", "ldps", "gml-dps", "psld", "p2l-no-prompt", "p2l-no-projection",
-           "p2l", "p2l-oracle")
+METHODS = ("pseudo-inverse", "tikhonov", "ldps", "gml-dps", "psld", "p2l-no-prompt",
+           "p2l-no-projection", "p2l", "p2l-oracle")
 REFERENCE = "ground-truth"
+#: Tikhonov weights the ``tikhonov`` reference chooses from (images in [-1, 1]).
+TIKHONOV_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+#: Methods without a prior (no solver config, no diffusion steps).
+NO_PRIOR = ("pseudo-inverse", "tikhonov")
 #: metric -> (label, higher is better)
 METRICS = {"psnr": ("PSNR (dB) ↑", True), "ssim": ("SSIM ↑", True), "lpips": ("LPIPS ↓", False),
            "residual": ("residual ‖y − A x‖ ↓", False),
@@ -93,8 +107,8 @@ def apply_setting(config, name: str, value):
 
 
 def method_config(method: str, task: str, cfg: RestorationConfig):
-    """The solver config of ``method`` on ``task`` (None for the pseudo-inverse)."""
-    if method == "pseudo-inverse":
+    """The solver config of ``method`` on ``task`` (None for the no-prior references)."""
+    if method in NO_PRIOR:
         return None
     base = {"ldps": LDPSConfig, "gml-dps": GMLDPSConfig, "psld": PSLDConfig}.get(method, P2LConfig)
     extra = {"omega": 0.1, "gamma": 0.01} if method == "psld" and task == "inpaint-box" else {}
@@ -111,16 +125,29 @@ def method_config(method: str, task: str, cfg: RestorationConfig):
 
 
 @jax.jit
-def _pseudo_inverse(operator, y):
-    return operator.pseudo_inverse(y)
+def _pseudo_inverse(operator, y, lam):
+    return operator.pseudo_inverse(y, lam)
 
 
-def restore(model, operator, y, keys, config, C0, batch_size: int):
+def choose_tikhonov_lam(operator, sigma: float, n: int, seed: int, image_size: int
+                        ) -> tuple[float, dict[float, float]]:
+    """The :data:`TIKHONOV_GRID` weight with the best mean PSNR on the first ``n``
+    validation-split images, measured as the test images are; returns it and every score."""
+    indices = data.split_indices("validation", n)
+    truth, _, _ = data.batch(indices, image_size)
+    y = quality.measure(operator, truth, quality.identities(indices), seed, sigma)
+    scores = {lam: float(np.nanmean(np.asarray(metrics.psnr(
+        _pseudo_inverse(operator, y, lam), jnp.asarray(truth)), np.float64)))
+        for lam in TIKHONOV_GRID}
+    return max(scores, key=scores.get), scores
+
+
+def restore(model, operator, y, keys, config, C0, batch_size: int, lam: float = PINV_LAM):
     """Batched restoration: ``(images, embeddings or None, timing)``; ``config`` None runs
-    the pseudo-inverse."""
+    the pseudo-inverse with weight ``lam``."""
     if config is None:
-        images, timing = quality.run_batched(lambda yb: _pseudo_inverse(operator, yb), len(y),
-                                             batch_size, y)
+        images, timing = quality.run_batched(lambda yb: _pseudo_inverse(operator, yb, lam),
+                                             len(y), batch_size, y)
         return images, None, timing
 
     def fn(yb, kb, cb):
@@ -138,8 +165,12 @@ def prompt_diagnostics(C_tuned, C_null, C_true) -> dict[str, list]:
             "cos_shift": quality.cosine(C_tuned - C_null, C_true - C_null).tolist()}
 
 
-def run(model, cfg: RestorationConfig, seed: int, log=print) -> dict:
-    """Every (task, sigma, method) cell: per-image scores, intervals, timing, diagnostics."""
+def run(model, cfg: RestorationConfig, seed: int, log=print,
+        journal: quality.Journal | None = None) -> dict:
+    """Every (task, sigma, method) cell: per-image scores, intervals, timing, diagnostics.
+
+    With a ``journal``, each finished cell is appended to it and cells already in it are
+    reused (``reused_cells`` counts them)."""
     S = model.image_size
     indices = data.split_indices(cfg.split, cfg.n)
     truth, captions, _ = data.batch(indices, S)
@@ -147,6 +178,8 @@ def run(model, cfg: RestorationConfig, seed: int, log=print) -> dict:
     keys = quality.sample_keys(seed, ids)
     C_null, C_true = quality.prompt_embeddings(model, captions)
     batch = min(cfg.batch_size, cfg.n)
+    done = {(r["cell"]["task"], r["cell"]["sigma"], r["cell"]["method"]): r
+            for r in (journal.load() if journal is not None else [])}
     cells, diagnostics = [], []
     for task in cfg.tasks:
         op = quality.operator_for(task, S)
@@ -158,19 +191,34 @@ def run(model, cfg: RestorationConfig, seed: int, log=print) -> dict:
             config = method_config(method, task, cfg)
             C0 = C_true if method == "p2l-oracle" else C_null
             for sigma in cfg.sigmas:
-                images, emb, timing = restore(model, op, ys[sigma], keys, config, C0, batch)
-                scores = quality.score_images(images, truth, op, ys[sigma], captions)
-                cells.append({"task": task, "sigma": sigma, "method": method,
-                              "config": (quality.config_fields(config) if config else
-                                         {"solver": "pseudo-inverse", "lam": PINV_LAM}),
-                              "scores": scores, "timing": timing})
-                if method == "p2l":
-                    diagnostics.append({"task": task, "sigma": sigma,
-                                        **prompt_diagnostics(emb, C_null, C_true)})
+                entry = done.get((task, sigma, method))
+                if entry is None:
+                    reference = {"solver": method, "lam": PINV_LAM}
+                    if method == "tikhonov":
+                        lam, val = choose_tikhonov_lam(op, sigma, cfg.n, seed, S)
+                        reference = {"solver": method, "lam": lam, "validation_psnr": val}
+                    images, emb, timing = restore(model, op, ys[sigma], keys, config, C0, batch,
+                                                  reference["lam"])
+                    entry = {"cell": {
+                        "task": task, "sigma": sigma, "method": method,
+                        "config": quality.config_fields(config) if config else reference,
+                        "scores": quality.score_images(images, truth, op, ys[sigma], captions),
+                        "timing": timing},
+                        "diagnostics": (prompt_diagnostics(emb, C_null, C_true)
+                                        if method == "p2l" else None)}
+                    if journal is not None:
+                        journal.append(entry)
+                    first = f"{timing['first_s']:.1f} s first batch"
+                else:
+                    first = "reused from the journal"
+                cells.append(entry["cell"])
+                if entry["diagnostics"] is not None:
+                    diagnostics.append({"task": task, "sigma": sigma, **entry["diagnostics"]})
                 log(f"{task} sigma={sigma} {method}: PSNR "
-                    f"{quality.fmt(quality.interval(scores['psnr']))} ({timing['first_s']:.1f} s "
-                    "first batch)")
-    return {"indices": [int(i) for i in indices], "cells": cells, "diagnostics": diagnostics}
+                    f"{quality.fmt(quality.interval(entry['cell']['scores']['psnr']))} ({first})")
+    reused = sum(k in done for k in ((c["task"], c["sigma"], c["method"]) for c in cells))
+    return {"indices": [int(i) for i in indices], "cells": cells, "diagnostics": diagnostics,
+            "reused_cells": reused}
 
 
 def summarize(result: dict) -> dict:
@@ -210,14 +258,14 @@ def estimate_full_seconds(cells: list, full: RestorationConfig, measured_steps: 
         key = (c["method"], c["task"])
         overhead = max(t["first_s"] - t["batch_size"] * t["steady_s_per_item"], 0.0)
         compile_s[key] = max(compile_s.get(key, 0.0), overhead)
-        steps = 1 if c["method"] == "pseudo-inverse" else measured_steps
+        steps = 1 if c["method"] in NO_PRIOR else measured_steps
         step_s.setdefault(c["method"], []).append(t["steady_s_per_item"] / steps)
     total, detail = 0.0, {}
     for method in full.methods:
         if method not in step_s:
             return {"seconds": None, "reason": f"no steady-state timing for {method} (needs "
                                                "at least two batches)"}
-        steps = 1 if method == "pseudo-inverse" else full.steps
+        steps = 1 if method in NO_PRIOR else full.steps
         comp = float(np.mean([v for (m, _), v in compile_s.items() if m == method]))
         detail[method] = {
             "compile_s": comp * len(full.tasks),
@@ -241,6 +289,8 @@ def markdown(record: dict) -> str:
              f"method, batch {cfg['batch_size']}, model `{quality.model_label(record)}`, seed {record['seed']}",
              f"Intervals: {quality.INTERVAL_METHOD}; cells show mean ± half-width.",
              f"Wall time: {record['timing']['total_s'] / 60:.1f} min"
+             + (f" ({record['reused_cells']} of {len(cells) - len(keys)} method cells taken "
+                "from an earlier run of the same settings)" if record.get("reused_cells") else "")
              + (f"; estimated full table on this machine: {est['seconds'] / 3600:.1f} h"
                 if est.get("seconds") else "")]
     lines = quality.header("Restoration quality on held-out images", record["command"],
@@ -309,6 +359,37 @@ def _cell(record, d, method):
                  and c["sigma"] == d["sigma"] and c["method"] == method), None)
 
 
+def journal_identity(cfg, seed: int, model: str, digest: str) -> dict:
+    """What a cell's result depends on: everything but the table's extent (tasks, noise
+    levels, methods), so widening a table reuses its finished cells."""
+    scope = {k: v for k, v in quality.plain(cfg).items() if k not in ("tasks", "sigmas", "methods")}
+    return quality.plain({"scope": scope, "seed": seed, "model": str(model), "weights": digest})
+
+
+def seed_journal(journal: quality.Journal, record_path: Path, log=print) -> int:
+    """Start an absent journal from an earlier run's record (``restoration_quality.json``) of
+    the same identity, so a table written before the journal existed can be widened too.
+    Returns the number of cells taken over."""
+    if journal.path.exists() or not record_path.is_file():
+        return 0
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    if journal_identity(record["config"], record["seed"], record["model"],
+                        record.get("model_digest")) != journal.identity:
+        return 0
+    diag = {(d["task"], d["sigma"]): {k: d[k] for k in ("cos_before", "cos_after", "cos_shift")}
+            for d in record["diagnostics"]}
+    n = 0
+    for c in record["cells"]:
+        if c["method"] == REFERENCE:
+            continue
+        cell = {k: c[k] for k in ("task", "sigma", "method", "config", "scores", "timing")}
+        journal.append({"cell": cell, "diagnostics": diag.get((c["task"], c["sigma"]))
+                        if c["method"] == "p2l" else None})
+        n += 1
+    log(f"{journal.path}: started from the {n} cells of {record_path}")
+    return n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     quality.add_common_arguments(p, "results/restoration")
@@ -337,10 +418,14 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     model = quality.setup(args)
-    result = summarize(run(model, cfg, args.seed))
+    digest = quality.model_digest(str(args.model))
+    journal = quality.Journal(args.output / f"{NAME}.journal.jsonl",
+                              journal_identity(cfg, args.seed, args.model, digest))
+    seed_journal(journal, args.output / f"{NAME}.json")
+    result = summarize(run(model, cfg, args.seed, journal=journal))
     record = {"command": quality.command_line(argv, "benchmarks.restoration_quality"),
               "machine": quality.machine(), "model": args.model,
-              "model_digest": quality.model_digest(str(args.model)), "seed": args.seed,
+              "model_digest": digest, "seed": args.seed,
               "config": cfg, "interval_method": quality.INTERVAL_METHOD,
               "operators": {t: repr(quality.operator_for(t, model.image_size)) for t in cfg.tasks},
               **result, "timing": {"total_s": time.perf_counter() - start}}

@@ -8,7 +8,8 @@ defaults, for each axis in turn (P2L: rho, learning_rate, gamma, lam, num_steps;
 every value is evaluated with the other axes at their best so far, and the axis keeps the value
 with the best objective. The objective is the mean over tasks of the per-task mean ``--metric``
 over ``n`` validation images (task settings and scores as benchmarks.restoration_quality; LPIPS
-is minimised, PSNR / SSIM maximised). Identical settings are evaluated once.
+is minimised, PSNR / SSIM maximised). Settings that give the same solver config (for example
+``lam=0.01`` and ``lam=0.01, num_steps=25`` when 25 is the base) are evaluated once.
 
 Every evaluation is appended, as it finishes, to ``tune_defaults.journal.jsonl`` in the output
 folder; a rerun with the same sweep settings, model (path and weights' digest) and seed reuses the journal's evaluations
@@ -18,9 +19,10 @@ so widening a grid after a run computes only the new points. Compiled programs a
 evaluation (``jax.clear_caches``): every grid point compiles new ones, and keeping them all
 exhausted the memory of a 24 GiB machine after ten evaluations.
 
-Prints and writes (``tune_defaults.json`` / ``.md``) every evaluation and ``best``: the values
-the solver configs' documented defaults should take (P2LConfig.rho / gamma / lam / num_steps,
-OptimizerConfig.learning_rate, LDPSConfig.rho). ``restoration_quality --settings`` runs the
+Prints and writes (``tune_defaults.json`` / ``.md``) every evaluation the sweep asked for (reused
+ones included, each once) and ``best``: the values the solver configs' documented defaults
+should take (P2LConfig.rho / gamma / lam / num_steps, OptimizerConfig.learning_rate,
+LDPSConfig.rho). ``restoration_quality --settings`` runs the
 table with them.
 """
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -90,38 +91,12 @@ def current_value(config, name: str):
     return config.optimizer.learning_rate if name == "learning_rate" else getattr(config, name)
 
 
-class Journal:
-    """Finished evaluations as JSON lines after a header line identifying the sweep.
-
-    ``load()`` returns the records of a journal of the same sweep (a journal of another sweep
-    is removed; a last line cut by a kill is ignored); ``append`` adds one record at once."""
-
-    def __init__(self, path: Path, identity: dict, log=print):
-        self.path, self.identity, self.log = path, quality.plain(identity), log
-
-    def load(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        lines = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:
-                break
-        if not lines or lines[0] != self.identity:
-            self.log(f"{self.path}: a journal of other settings; starting afresh")
-            self.path.unlink()
-            return []
-        self.log(f"{self.path}: reusing {len(lines) - 1} finished evaluations")
-        return lines[1:]
-
-    def append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.is_file()
-        with open(self.path, "a", encoding="utf-8") as f:
-            if new:
-                f.write(json.dumps(self.identity) + "\n")
-            f.write(json.dumps(quality.plain(record)) + "\n")
+def resolve(base, settings: dict):
+    """``base`` with every (name, value) of ``settings`` applied (:func:`apply_setting`)."""
+    config = base
+    for name, value in settings.items():
+        config = apply_setting(config, name, value)
+    return config
 
 
 class Evaluator:
@@ -129,7 +104,7 @@ class Evaluator:
     a :class:`Journal` records each finished evaluation and starts from the journal's."""
 
     def __init__(self, model, cfg: TuneConfig, seed: int, log=print,
-                 journal: Journal | None = None):
+                 journal: quality.Journal | None = None):
         self.model, self.cfg, self.log = model, cfg, log
         self.journal = journal
         S = model.image_size
@@ -143,14 +118,14 @@ class Evaluator:
         self.ys = {t: np.asarray(quality.measure(op, self.truth, ids, seed, cfg.sigma))
                    for t, op in self.ops.items()}
         self.records: list[dict] = journal.load() if journal is not None else []
+        self.swept: list[dict] = []   # this sweep's evaluations, each once, in call order
 
     def __call__(self, solver: str, base, settings: dict) -> float:
-        for r in self.records:
-            if r["solver"] == solver and r["settings"] == settings:
+        config = resolve(base, settings)
+        for r in self.records:  # same solver config, however the settings spell it
+            if r["solver"] == solver and resolve(base, r["settings"]) == config:
+                self._swept(r, settings)
                 return float("nan") if r["objective"] is None else r["objective"]
-        config = base
-        for name, value in settings.items():
-            config = apply_setting(config, name, value)
         per_task, start, programs = {}, time.perf_counter(), compiled_programs()
         for task, op in self.ops.items():
             images, _, _ = restore(self.model, op, self.ys[task], self.keys, config, self.C0,
@@ -163,11 +138,18 @@ class Evaluator:
                   "objective": objective, "seconds": time.perf_counter() - start,
                   "programs_compiled": compiled_programs() - programs}
         self.records.append(record)
+        self._swept(record, settings)
         if self.journal is not None:
             self.journal.append(record)
         jax.clear_caches()
         self.log(f"{solver} {settings}: {self.cfg.metric} {objective:.4f}")
         return objective
+
+    def _swept(self, record: dict, settings: dict) -> None:
+        """Note ``record`` as one of this sweep's evaluations, spelt as the sweep asked."""
+        entry = {**record, "settings": dict(settings)}
+        if entry not in self.swept:
+            self.swept.append(entry)
 
 
 def sweep(evaluate: Evaluator, solver: str, base, grid, lower_is_better: bool) -> dict:
@@ -229,7 +211,7 @@ def main(argv=None) -> int:
     # what an evaluation depends on (not the grids: a widened grid reuses finished points)
     scope = dataclasses.replace(cfg, p2l_grid=(), ldps_grid=())
     digest = quality.model_digest(str(args.model))
-    journal = Journal(args.output / f"{NAME}.journal.jsonl",
+    journal = quality.Journal(args.output / f"{NAME}.journal.jsonl",
                       {"scope": scope, "seed": args.seed, "model": str(args.model),
                        "weights": digest})
     evaluate = Evaluator(model, cfg, args.seed, journal=journal)
@@ -241,7 +223,7 @@ def main(argv=None) -> int:
               "machine": quality.machine(), "model": args.model,
               "model_digest": digest, "seed": args.seed,
               "config": cfg, "indices": [int(i) for i in evaluate.indices],
-              "evaluations": evaluate.records, "best": best,
+              "evaluations": evaluate.swept, "best": best,
               "timing": {"total_s": time.perf_counter() - start}}
     quality.write_outputs(args.output, NAME, record, markdown(quality.plain(record)),
                           args.results_md)

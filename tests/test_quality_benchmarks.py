@@ -76,7 +76,7 @@ def test_coordinate_sweep_keeps_the_best_value_of_each_axis():
 
 
 def test_tuning_journal_resumes_same_sweep_and_drops_others(tmp_path):
-    from benchmarks.tune_defaults import Journal
+    from benchmarks.quality import Journal
 
     path, logs = tmp_path / "out" / "j.jsonl", []
     journal = Journal(path, {"scope": {"n": 8, "tasks": ("sr",)}, "seed": 0}, logs.append)
@@ -92,6 +92,17 @@ def test_tuning_journal_resumes_same_sweep_and_drops_others(tmp_path):
     other = Journal(path, {"scope": {"n": 16, "tasks": ["sr"]}, "seed": 0}, logs.append)
     assert other.load() == [] and not path.exists()
     assert "reusing 2" in logs[0] and "other settings" in logs[1]
+
+
+def test_tikhonov_reference_chooses_its_weight_on_validation_images():
+    from benchmarks.restoration_quality import TIKHONOV_GRID, choose_tikhonov_lam
+
+    op = quality.operator_for("gaussian-blur", 32)
+    lam, scores = choose_tikhonov_lam(op, 0.05, 4, 0, 32)
+    assert set(scores) == set(TIKHONOV_GRID) and scores[lam] == max(scores.values())
+    # at sigma_y 0.05 the smallest weight amplifies the noise the blur's small singular values
+    # let through: the chosen one is larger and clearly better
+    assert lam > TIKHONOV_GRID[0] and scores[lam] > scores[TIKHONOV_GRID[0]] + 1.0
 
 
 def test_model_digest_follows_weights_not_path_or_summary(tmp_path):
@@ -217,6 +228,39 @@ def test_harnesses_run_end_to_end_and_share_compiled_programs(tiny, tmp_path):
     assert record["full_run_estimate"]["seconds"] is None  # not every method was measured
     assert "<!-- BEGIN restoration_quality -->" in results_md.read_text()
 
+    # The journal: a widened table (one more noise level) computes only its new cells ...
+    table = [*common, "--quick", "--output", str(out), "--n", "2", "--batch-size", "1",
+             "--steps", "2", "--tasks", TASK, "--methods", "pseudo-inverse", "p2l"]
+    journal = out / "restoration_quality.journal.jsonl"
+    assert len(journal.read_text().splitlines()) == 1 + 4      # identity + 4 cells
+    assert restoration_quality.main([*table, "tikhonov", "--sigmas", "0.01", "0.05", "0.1"]) == 0
+    wide = json.loads((out / "restoration_quality.json").read_text())
+    assert wide["reused_cells"] == 4 and len(journal.read_text().splitlines()) == 1 + 9
+    tik = next(c for c in wide["cells"] if c["method"] == "tikhonov" and c["sigma"] == 0.05)
+    val = {float(k): v for k, v in tik["config"]["validation_psnr"].items()}
+    assert tik["config"]["lam"] == max(val, key=val.get)   # the best weight on validation
+
+    def scores(rec, sigma):
+        return next(c["scores"] for c in rec["cells"]
+                    if c["method"] == "p2l" and c["sigma"] == sigma)
+
+    assert scores(wide, 0.05) == scores(record, 0.05)
+    assert len(wide["diagnostics"]) == 3
+    assert "4 of 9 method cells taken from an earlier run" in (
+        out / "restoration_quality.md").read_text()
+    # ... an earlier record of the same settings seeds a missing journal ...
+    journal.unlink()
+    assert restoration_quality.main([*table, "--sigmas", "0.05"]) == 0
+    seeded = json.loads((out / "restoration_quality.json").read_text())
+    assert seeded["reused_cells"] == 2 and scores(seeded, 0.05) == scores(record, 0.05)
+    assert seeded["diagnostics"][0]["cos_after"] == record["diagnostics"][1]["cos_after"]
+    # ... and other settings (here, the number of images) start afresh.
+    assert restoration_quality.main([*table[:-3], "--methods", "pseudo-inverse",
+                                     "--sigmas", "0.05", "--n", "1"]) == 0
+    assert json.loads((out / "restoration_quality.json").read_text())["reused_cells"] == 0
+    assert len(journal.read_text().splitlines()) == 1 + 1
+    assert compiled_programs() - before == 1   # still the one program
+
     grid_out = tmp_path / "grid"
     assert make_readme_grid.main([*common, "--output", str(grid_out), "--tasks", TASK,
                                   "--methods", "pseudo-inverse", "p2l", "--images", "1",
@@ -245,6 +289,14 @@ def test_harnesses_run_end_to_end_and_share_compiled_programs(tiny, tmp_path):
     assert len(journal) == 2 and json.loads(journal[1])["objective"] == ev["objective"]
     assert ev["objective"] == pytest.approx(ev["per_task"][TASK]["mean"])
     assert f"Chosen defaults: p2l: rho={DEFAULT_RHO:g}" in (tune_out / "tune_defaults.md").read_text()
+    # a new axis whose only value is the base (num_steps = --steps) is the same solver config:
+    # the journal's evaluation is reused, nothing runs
+    assert tune_defaults.main([*common, "--output", str(tune_out), "--n", "1", "--steps", "2",
+                               "--tasks", TASK, "--p2l-grid", f"rho={DEFAULT_RHO}",
+                               "num_steps=2", "--ldps-grid"]) == 0
+    assert len((tune_out / "tune_defaults.journal.jsonl").read_text().splitlines()) == 2
+    again = json.loads((tune_out / "tune_defaults.json").read_text())
+    assert [e["objective"] for e in again["evaluations"]] == [ev["objective"]]
 
     gen_out = tmp_path / "generation"
     assert generation_score.main([*common, "--output", str(gen_out), "--n", "2", "--steps", "2",
