@@ -106,6 +106,14 @@ def apply_setting(config, name: str, value):
     return dataclasses.replace(config, **{name: value})
 
 
+def resolve(base, settings):
+    """``base`` with every (name, value) of ``settings`` (a dict or pairs) applied."""
+    config = base
+    for name, value in dict(settings).items():
+        config = apply_setting(config, name, value)
+    return config
+
+
 def method_config(method: str, task: str, cfg: RestorationConfig):
     """The solver config of ``method`` on ``task`` (None for the no-prior references)."""
     if method in NO_PRIOR:
@@ -114,9 +122,7 @@ def method_config(method: str, task: str, cfg: RestorationConfig):
     extra = {"omega": 0.1, "gamma": 0.01} if method == "psld" and task == "inpaint-box" else {}
     config = base(num_steps=cfg.steps, **extra)
     # LDPS's tuned rho also drives GML-DPS and PSLD: LDPS plus one loss term each.
-    settings = cfg.p2l_settings if base is P2LConfig else cfg.ldps_settings
-    for name, value in settings:
-        config = apply_setting(config, name, value)
+    config = resolve(config, cfg.p2l_settings if base is P2LConfig else cfg.ldps_settings)
     if method in ("p2l-no-prompt", "p2l-oracle"):
         config = dataclasses.replace(config, tune_prompt=False)
     elif method == "p2l-no-projection":

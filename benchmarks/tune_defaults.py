@@ -22,8 +22,7 @@ exhausted the memory of a 24 GiB machine after ten evaluations.
 Prints and writes (``tune_defaults.json`` / ``.md``) every evaluation the sweep asked for (reused
 ones included, each once) and ``best``: the values the solver configs' documented defaults
 should take (P2LConfig.rho / gamma / lam / num_steps, OptimizerConfig.learning_rate,
-LDPSConfig.rho). ``restoration_quality --settings`` runs the
-table with them.
+LDPSConfig.rho). ``restoration_quality --settings`` runs the table with them.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import jax
 import numpy as np
 
 from benchmarks import quality
-from benchmarks.restoration_quality import apply_setting, restore
+from benchmarks.restoration_quality import resolve, restore
 from p2l_jax import data
 from p2l_jax.solvers import LDPSConfig, P2LConfig, compiled_programs
 
@@ -91,17 +90,9 @@ def current_value(config, name: str):
     return config.optimizer.learning_rate if name == "learning_rate" else getattr(config, name)
 
 
-def resolve(base, settings: dict):
-    """``base`` with every (name, value) of ``settings`` applied (:func:`apply_setting`)."""
-    config = base
-    for name, value in settings.items():
-        config = apply_setting(config, name, value)
-    return config
-
-
 class Evaluator:
     """Scores settings of one solver on the validation images; caches by settings, and with
-    a :class:`Journal` records each finished evaluation and starts from the journal's."""
+    a :class:`benchmarks.quality.Journal` records each finished evaluation and starts from the journal's."""
 
     def __init__(self, model, cfg: TuneConfig, seed: int, log=print,
                  journal: quality.Journal | None = None):
