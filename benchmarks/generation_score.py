@@ -102,13 +102,11 @@ def markdown(record: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    quality.add_common_arguments(p, "results/generation")
+    quality.add_common_arguments(p, "results/generation", NAME)
     p.add_argument("--n", type=int, default=None, help="number of held-out captions")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--results-md", type=Path, default=None,
-                   help="also update this markdown file's generation_score section")
     args = p.parse_args(argv)
     cfg = get_config(args.quick)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in dict(

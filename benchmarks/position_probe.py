@@ -268,11 +268,9 @@ def markdown(record: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    quality.add_common_arguments(p, "results/position")
+    quality.add_common_arguments(p, "results/position", NAME)
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="run probe 3 with this many steps (default: 0, skipped)")
-    p.add_argument("--results-md", type=Path, default=None,
-                   help="also update this markdown file's position_probe section")
     args = p.parse_args(argv)
     cfg = get_config(args.quick)
     if args.finetune_steps is not None:

@@ -47,7 +47,10 @@ EMBEDDED = "embedded"
 
 
 # ---- command line, model, machine ---------------------------------------------------
-def add_common_arguments(p: argparse.ArgumentParser, output: str) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, output: str,
+                         section: str | None = None) -> None:
+    """--model, --output, --seed, --quick, --compilation-cache; with ``section``, also
+    --results-md (a markdown file whose ``section`` block the run replaces)."""
     p.add_argument("--model", default=EMBEDDED,
                    help="diffusers-layout model directory, or 'embedded' (the packaged model)")
     p.add_argument("--output", type=Path, default=Path(output), help="directory for JSON/markdown")
@@ -55,6 +58,9 @@ def add_common_arguments(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--quick", action="store_true", help="the small preset (minutes)")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (reruns skip compiling)")
+    if section is not None:
+        p.add_argument("--results-md", type=Path, default=None,
+                       help=f"also update this markdown file's {section} section")
 
 
 def setup(args) -> Any:

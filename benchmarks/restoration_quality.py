@@ -398,7 +398,7 @@ def seed_journal(journal: quality.Journal, record_path: Path, log=print) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    quality.add_common_arguments(p, "results/restoration")
+    quality.add_common_arguments(p, "results/restoration", NAME)
     p.add_argument("--n", type=int, default=None, help="number of test images")
     p.add_argument("--tasks", nargs="+", default=None, choices=quality.TASKS)
     p.add_argument("--sigmas", nargs="+", type=float, default=None)
@@ -407,8 +407,6 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--settings", type=Path, default=None,
                    help="a tune_defaults.json: run P2L and LDPS with its 'best' settings")
-    p.add_argument("--results-md", type=Path, default=None,
-                   help="also update this markdown file's restoration_quality section")
     args = p.parse_args(argv)
     cfg = get_config(args.quick)
     over = dict(n=args.n, tasks=args.tasks and tuple(args.tasks),

@@ -180,7 +180,7 @@ def markdown(record: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    quality.add_common_arguments(p, "results/tune")
+    quality.add_common_arguments(p, "results/tune", NAME)
     p.add_argument("--n", type=int, default=None, help="number of validation images")
     p.add_argument("--tasks", nargs="+", default=None, choices=quality.TASKS)
     p.add_argument("--steps", type=int, default=None)
@@ -189,7 +189,6 @@ def main(argv=None) -> int:
                    help="replace P2L's sweep axes, e.g. rho=0.3,1 gamma=4,8")
     p.add_argument("--ldps-grid", nargs="*", default=None, metavar="NAME=V1,V2",
                    help="replace LDPS's sweep axes (none given: no LDPS sweep)")
-    p.add_argument("--results-md", type=Path, default=None)
     args = p.parse_args(argv)
     cfg = get_config(args.quick)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in dict(
