@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

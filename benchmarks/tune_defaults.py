@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
