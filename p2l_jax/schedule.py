@@ -20,12 +20,17 @@ Symbols follow docs/algorithm.md: ``ab_t`` = alpha_bar_t (the cumulative product
   (v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0), converted by :func:`v_to_eps` /
   :func:`v_to_x0`: eps = sqrt(ab_t) v + sqrt(1 - ab_t) z_t, x0 = sqrt(ab_t) z_t - sqrt(1 - ab_t) v.
 
-Example::
+Example (the diffusers DDIMScheduler defaults with SD's betas; ``set_alpha_to_one`` is true
+by default, so the last step goes to ab_p = 1)::
 
-    cfg = ScheduleConfig.from_dict({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                                    "beta_end": 0.012, "steps_offset": 1})
-    ts = cfg.timesteps(50)               # numpy int64, descending
-    ab_t, ab_p = cfg.alpha_bar_pairs(50)  # numpy float32, per DDIM step
+    >>> cfg = ScheduleConfig.from_dict({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    ...                                 "beta_end": 0.012, "steps_offset": 1})
+    >>> ts = cfg.timesteps(50)                # numpy int64, descending
+    >>> ts[:3].tolist(), int(ts[-1])
+    ([981, 961, 941], 1)
+    >>> ab_t, ab_p = cfg.alpha_bar_pairs(50)  # numpy float32, one pair per DDIM step
+    >>> round(float(ab_t[0]), 4), float(ab_p[-1])
+    (0.0058, 1.0)
 """
 
 from __future__ import annotations
