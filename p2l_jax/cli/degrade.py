@@ -111,11 +111,7 @@ def run(args: argparse.Namespace) -> int:
                           box_size=args.box_size, fraction=args.fraction, seed=args.seed)
     operators = _check_inputs(args, options)
     names = [f"{path.stem}.{ext}" for path in args.input for ext in ("png", "npy", "json")]
-    targets = {(args.output / name).resolve() for name in names}
-    clash = [path for path in args.input if path.resolve() in targets]
-    if clash:
-        raise P2LError(f"{clash[0]}: would be overwritten by an output; use another --output")
-    output_folder.check_targets(args.output, names)
+    output_folder.check_targets(args.output, names, args.input)
     output_folder.prepare(args.output)
     for path in args.input:
         image, info = imageio.read_image(path)
@@ -135,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
             "noise_key": {"derivation": NOISE_KEY_DERIVATION, "seed": args.seed,
                           "stem": path.stem, "crc32": stem_hash(path.stem)},
         }
-        out = args.output / path.stem  # with_suffix would cut "photo.v1" to "photo"
-        imageio.write_npy(out.parent / f"{path.stem}.npy", y.astype(np.float32))
-        imageio.write_png(out.parent / f"{path.stem}.png", y)
-        imageio.write_json(out.parent / f"{path.stem}.json", record)
+        out = args.output / path.stem  # not with_suffix: it would cut "photo.v1" to "photo"
+        imageio.write_npy(f"{out}.npy", y.astype(np.float32))
+        imageio.write_png(f"{out}.png", y)
+        imageio.write_json(f"{out}.json", record)
         print(f"{path} -> {out}.{{png,npy,json}}  {args.task} {tuple(y.shape)} sigma={args.sigma}")
     return 0

@@ -47,8 +47,13 @@ def prepare(folder: Path) -> bool:
     return created
 
 
-def check_targets(folder: Path, names: list[str]) -> None:
-    """Refuse output names already taken by something that is not a regular file."""
+def check_targets(folder: Path, names: list[str], inputs: list[Path]) -> None:
+    """Refuse output ``names`` in ``folder`` that would replace one of ``inputs`` (data the
+    user cares about) or that are taken by a folder or special file."""
+    targets = {(folder / name).resolve() for name in names}
+    clash = [path for path in inputs if path.resolve() in targets]
+    if clash:
+        raise P2LError(f"{clash[0]}: would be overwritten by an output; use another --output")
     for name in names:
         target = folder / name
         if target.is_dir() or (target.exists() and not target.is_file()):

@@ -50,6 +50,7 @@ first one's pid (:mod:`p2l_jax.cli.output_folder`). Ctrl-C ends the run at once 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import dataclasses
@@ -290,37 +291,23 @@ def run(args: argparse.Namespace) -> int:
 
     _check_options(args)
     items = collect_inputs(args.input)
-    outputs = {(args.output / f"{i.name}{s}").resolve() for i in items for s in (".png", ".json")}
-    clash = [i.path for i in items if i.path.resolve() in outputs]
-    if clash:
-        raise P2LError(f"{clash[0]}: would be overwritten by an output; use another --output")
+    output_folder.check_targets(args.output, [f"{i.name}{s}" for i in items
+                                              for s in (".png", ".json")]
+                                + ["summary.json", "summary.csv"], [i.path for i in items])
     all_jobs = plan_jobs(items, args)
     config = solver_config(args)
     args.steps = config.num_steps  # --steps default: the solver config's
-    output_folder.check_targets(args.output, [f"{i.name}{s}" for i in items
-                                              for s in (".png", ".json")]
-                                + ["summary.json", "summary.csv"])
     created = output_folder.prepare(args.output)
-    lock = None
     try:
         parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
-        multi = parallel.process_count() > 1
-        lock = output_folder.OutputLock(
-            args.output, parallel.process_index() if multi else None).acquire()
-        return _restore_all(args, all_jobs, config)
+        process = parallel.process_index() if parallel.process_count() > 1 else None
+        with output_folder.OutputLock(args.output, process):
+            return _restore_all(args, all_jobs, config)
     except BaseException:
-        if lock is not None:
-            lock.release()
-            lock = None
         if created:  # an error before anything was written leaves no empty folder behind
-            try:
+            with contextlib.suppress(OSError):
                 args.output.rmdir()
-            except OSError:
-                pass
         raise
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _restore_all(args, all_jobs: list[Job], config) -> int:
