@@ -1,7 +1,10 @@
 """CLIP tokenizer: loading a ``tokenizer/`` directory and turning prompts into (B, 77) ids.
 
 The tokenizer is transformers' ``CLIPTokenizer`` (byte-level BPE backed by the ``tokenizers``
-library; it imports no torch). A prompt becomes
+library; it imports no torch). Importing transformers without torch logs "PyTorch was not
+found. Models won't be available..."; that notice is about transformers' models, which this
+package never uses, so :func:`_import_clip_tokenizer` drops exactly that record during the
+import (every other transformers message, and every error, still shows). A prompt becomes
 
     [<|startoftext|>, bpe(prompt)..., <|endoftext|>, pad, ..., pad]     length max_length
 
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import logging
 
 import numpy as np
 
@@ -48,6 +53,25 @@ def default_tokenizer_dir() -> Path:
     return Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
 
 
+class _DropTorchNotice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found" notice, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+def _import_clip_tokenizer():
+    """``transformers.CLIPTokenizer``, imported without the no-torch notice."""
+    logger = logging.getLogger("transformers")  # the logger transformers/__init__ logs on
+    notice = _DropTorchNotice()
+    logger.addFilter(notice)
+    try:
+        from transformers import CLIPTokenizer  # deferred: importing transformers is slow
+    finally:
+        logger.removeFilter(notice)
+    return CLIPTokenizer
+
+
 def load_tokenizer(directory: str | Path):
     """Load the ``CLIPTokenizer`` in ``directory`` (``vocab.json`` + ``merges.txt``, or the
     ``tokenizer.json`` that transformers 5 writes).
@@ -58,8 +82,7 @@ def load_tokenizer(directory: str | Path):
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if missing and not (directory / FAST_FILE).is_file():
         raise P2LError(f"tokenizer directory {directory} is missing {', '.join(missing)}")
-    from transformers import CLIPTokenizer  # deferred: importing transformers is slow
-
+    CLIPTokenizer = _import_clip_tokenizer()
     try:
         return CLIPTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as err:

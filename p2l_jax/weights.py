@@ -55,7 +55,8 @@ _LEGACY_VAE_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn
 def read_component_tensors(directory: str | Path, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """Read every tensor of one component directory (e.g. ``unet/``) into numpy arrays.
 
-    Accepts a single safetensors file or a sharded one with its ``.index.json``; pickled
+    Accepts a single safetensors file or a sharded one with its ``.index.json`` (whose shards
+must be plain file names in ``directory``: an index cannot point outside it); pickled
     ``.bin``/``.ckpt`` files are refused unless ``allow_pickle`` is set, in which case they are
     read with ``torch.load(weights_only=True)`` (the one place torch may be imported).
     """
@@ -72,8 +73,7 @@ def read_component_tensors(directory: str | Path, *, allow_pickle: bool = False)
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError) as err:
                 raise P2LError(f"{index}: not a safetensors index ({err})") from None
-            shards = sorted({directory / name for name in weight_map.values()})
-            return _read_safetensors(shards)
+            return _read_safetensors(_shard_paths(index, weight_map))
     variants = sorted(directory.glob("*.safetensors"))
     if variants:  # e.g. diffusion_pytorch_model.fp16.safetensors when it is the only file
         return _read_safetensors(variants[:1])
@@ -86,6 +86,18 @@ def read_component_tensors(directory: str | Path, *, allow_pickle: bool = False)
             )
         return _read_pickle(pickles[0])
     raise P2LError(f"{directory}: no weights file (*.safetensors) found")
+
+
+def _shard_paths(index: Path, weight_map) -> list[Path]:
+    """The shard files an index names, each a plain file name next to the index."""
+    if not isinstance(weight_map, dict):
+        raise P2LError(f"{index}: weight_map is not an object")
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise P2LError(f"{index}: shard {name!r} is outside {index.parent} (an index may "
+                           "name only files in its own folder)")
+    return [index.parent / name for name in names]
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
@@ -106,7 +118,11 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
 
 
 def _read_pickle(file: Path) -> dict[str, np.ndarray]:
-    import torch  # only on explicit opt-in
+    try:
+        import torch  # only on explicit opt-in
+    except ImportError:
+        raise P2LError(f"{file}: reading a pickled checkpoint needs torch, which is not "
+                       "installed (pip install torch), or convert it to safetensors") from None
 
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)

@@ -1,6 +1,7 @@
 """``p2l-jax degrade``: simulate measurements ``y = A x + sigma n`` of images.
 
-Per input ``<stem>.<ext>`` it writes into ``--output``:
+Per input ``<stem>.<ext>`` (the stem is everything before the last dot, so ``photo.v1.png``
+and ``photo.v2.png`` stay apart) it writes into ``--output``:
 
 - ``<stem>.png``: the measurement for viewing (8-bit, [-1, 1] -> [0, 255]; the small image
   for ``sr``, zeros shown grey for inpainting);
@@ -12,8 +13,10 @@ Per input ``<stem>.<ext>`` it writes into ``--output``:
 
 The noise of an image depends on ``(seed, stem)`` only, not on its position in the list.
 Random operators (motion kernel, random and free-form masks) are drawn from ``--seed`` and are
-the same for every image of a size. Every input is read and checked before anything is
-written; on a bad input the command writes nothing, prints one line and exits 2.
+the same for every image of a size. Every input is read and checked (``.npy`` values finite
+and in [-1, 1], as decoded images are by construction), and the output folder created and
+written to with a test file, before any measurement is written; an output that would replace
+an input is refused. On a bad input the command writes nothing, prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax
 import numpy as np
 
 from p2l_jax import imageio
+from p2l_jax.cli import output_folder
 from p2l_jax.errors import P2LError
 from p2l_jax.operators import (NOISE_KEY_DERIVATION, TASKS, TaskOptions, make_operator,
                                noise_key)
@@ -86,6 +90,7 @@ def _check_inputs(args, options: TaskOptions) -> dict:
             raise P2LError(f"{path}: same file stem as {stems[path.stem]}; outputs would collide")
         stems[path.stem] = path
         image, _ = imageio.read_image(path)
+        imageio.check_image_values(path, image)
         hw = image.shape[:2]
         try:
             if hw not in operators:
@@ -105,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
                           blur_sigma=args.blur_sigma, intensity=args.intensity,
                           box_size=args.box_size, fraction=args.fraction, seed=args.seed)
     operators = _check_inputs(args, options)
-    if args.output.exists() and not args.output.is_dir():
-        raise P2LError(f"--output {args.output} exists and is not a folder")
-    args.output.mkdir(parents=True, exist_ok=True)
+    names = [f"{path.stem}.{ext}" for path in args.input for ext in ("png", "npy", "json")]
+    output_folder.check_targets(args.output, names, args.input)
+    output_folder.prepare(args.output)
     for path in args.input:
         image, info = imageio.read_image(path)
         op = operators[image.shape[:2]]
@@ -126,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
             "noise_key": {"derivation": NOISE_KEY_DERIVATION, "seed": args.seed,
                           "stem": path.stem, "crc32": stem_hash(path.stem)},
         }
-        out = args.output / path.stem
-        imageio.write_npy(out.with_suffix(".npy"), y.astype(np.float32))
-        imageio.write_png(out.with_suffix(".png"), y)
-        imageio.write_json(out.with_suffix(".json"), record)
+        out = args.output / path.stem  # not with_suffix: it would cut "photo.v1" to "photo"
+        imageio.write_npy(f"{out}.npy", y.astype(np.float32))
+        imageio.write_png(f"{out}.png", y)
+        imageio.write_json(f"{out}.json", record)
         print(f"{path} -> {out}.{{png,npy,json}}  {args.task} {tuple(y.shape)} sigma={args.sigma}")
     return 0

@@ -38,14 +38,19 @@ single-process run). With both options the chunk is gcd(K, N) steps.
 Multi-host: with ``--coordinator`` (or ``P2L_COORDINATOR_ADDRESS``) each process restores its
 share of the sorted inputs; process 0 writes the summary once all have finished.
 
-Every input, option and the model are checked before anything is written; a bad one gives a
-one-line error and exit 2. A non-finite result is recorded per image (status
-``non-finite``, no PNG) and the run exits 1.
+Every input, option, the output folder (created and written to with a test file) and the
+model are checked before any image is restored; a bad one gives a one-line error and exit 2.
+One run at a time per output folder: a second run on a folder in use refuses, naming the
+first one's pid (:mod:`p2l_jax.cli.output_folder`). Ctrl-C ends the run at once with exit
+130 and leaves the folder resumable. A non-finite result is recorded per image (status
+``non-finite``, no PNG) and the run exits 1; non-finite numbers in records are written as
+``null``. docs/faults.md lists every fault case.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import dataclasses
@@ -61,8 +66,9 @@ from pathlib import Path
 import numpy as np
 
 from p2l_jax import imageio
+from p2l_jax.cli import output_folder
 from p2l_jax.cli.inputs import Item, collect_inputs
-from p2l_jax.cli.solver_options import SOLVERS, solver_config
+from p2l_jax.cli.solver_options import SOLVERS, default_steps_help, solver_config
 from p2l_jax.errors import P2LError
 
 DEFAULT_SIGMA = 0.05
@@ -76,11 +82,14 @@ def register(subparsers) -> None:
     add_task_options(p)  # the operator options are degrade's, defined once there
     p.add_argument("--task", help="degradation task (required unless inputs are degrade outputs)")
     p.add_argument("--solver", default="p2l", help=f"one of: {', '.join(SOLVERS)} (%(default)s)")
-    p.add_argument("--steps", type=int, required=True, help="number of sampler steps")
+    p.add_argument("--steps", type=int, default=None, help=default_steps_help())
     p.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH")
     p.add_argument("--output", required=True, type=Path, metavar="DIR")
     p.add_argument("--model", type=Path, default=None, help="diffusers-layout model directory "
                    "(default: the embedded model)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .bin/.ckpt pickled weights (read with torch.load("
+                        "weights_only=True); needs torch)")
     p.add_argument("--simulate", action="store_true",
                    help="inputs are ground truth: degrade, restore and score them")
     p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA,
@@ -109,7 +118,7 @@ def register(subparsers) -> None:
 
 # ------------------------------------------------------------------------------ checks
 def _check_options(args) -> None:
-    if args.steps <= 0:
+    if args.steps is not None and args.steps <= 0:
         raise P2LError(f"--steps must be a positive integer, got {args.steps}")
     if not (math.isfinite(args.sigma) and args.sigma >= 0):
         raise P2LError(f"--sigma must be a finite number >= 0, got {args.sigma}")
@@ -168,6 +177,8 @@ def plan_jobs(items: list[Item], args) -> list[Job]:
                 if args.task is None:
                     raise P2LError("is a plain image; give --task")
                 y, info = imageio.read_image(item.path)
+                if args.simulate:  # ground truth: [-1, 1] like a decoded image
+                    imageio.check_image_values(item.path, y)
                 hw = y.shape[:2]
                 if not args.simulate and args.task == "sr":
                     hw = (hw[0] * args.scale, hw[1] * args.scale)
@@ -264,7 +275,7 @@ def _write_summary(out: Path, jobs: list[Job], fingerprint: str) -> dict:
                "mean": {k: mean(k) for k in ("psnr", "ssim", "lpips", "residual_final",
                                              "seconds")},
                "per_image": rows}
-    imageio.write_json(out / "summary.json", summary)
+    write_record(out / "summary.json", summary)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -280,23 +291,35 @@ def run(args: argparse.Namespace) -> int:
 
     _check_options(args)
     items = collect_inputs(args.input)
-    if args.output.exists() and not args.output.is_dir():
-        raise P2LError(f"--output {args.output} exists and is not a folder")
-    outputs = {(args.output / f"{i.name}{s}").resolve() for i in items for s in (".png", ".json")}
-    clash = [i.path for i in items if i.path.resolve() in outputs]
-    if clash:
-        raise P2LError(f"{clash[0]}: would be overwritten by an output; use another --output")
+    output_folder.check_targets(args.output, [f"{i.name}{s}" for i in items
+                                              for s in (".png", ".json")]
+                                + ["summary.json", "summary.csv"], [i.path for i in items])
     all_jobs = plan_jobs(items, args)
     config = solver_config(args)
-    parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+    args.steps = config.num_steps  # --steps default: the solver config's
+    created = output_folder.prepare(args.output)
+    try:
+        parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+        process = parallel.process_index() if parallel.process_count() > 1 else None
+        with output_folder.OutputLock(args.output, process):
+            return _restore_all(args, all_jobs, config)
+    except BaseException:
+        if created:  # an error before anything was written leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                args.output.rmdir()
+        raise
+
+
+def _restore_all(args, all_jobs: list[Job], config) -> int:
+    from p2l_jax import parallel
     from p2l_jax.pipeline import P2LPipeline
 
-    pipe = P2LPipeline.from_pretrained(args.model, args.dtype, parallel=args.parallel)
+    pipe = P2LPipeline.from_pretrained(args.model, args.dtype, parallel=args.parallel,
+                                       allow_pickle=args.allow_pickle)
     for job in all_jobs:
         pipe.check_size(job.image_size, str(job.item.path))
     fingerprint = _fingerprint(args, config)
     jobs = parallel.my_share(all_jobs)
-    args.output.mkdir(parents=True, exist_ok=True)
     parallel.clear_marker(str(args.output), "restore-done")
     pending = [j for j in jobs if not _done(j, args.output, fingerprint)]
     for job in pending:  # temp files of a killed run (only this process's own images)
@@ -327,6 +350,23 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         failed = sum(g["failed"] for g in gathered)
     return 1 if failed else 0
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by ``None`` (JSON ``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a record or summary as strict JSON; NaN/inf (a diverged sample, an infinite
+    PSNR) become ``null`` instead of failing the run after its work is done."""
+    imageio.write_json(path, _json_safe(record))
 
 
 def progress_every(args) -> int:
@@ -419,6 +459,6 @@ def _run_batch(batch: list[Job], args, pipe, config, fingerprint: str) -> int:
             failed += 1
             print(f"restore: {job.item.path}: sampling produced NaN/inf; no image written "
                   f"(see {rec})", file=sys.stderr)
-        imageio.write_json(rec, record)
+        write_record(rec, record)
     _drop_inflight(args.output, ids)
     return failed

@@ -1,15 +1,36 @@
 """Solver options of ``p2l-jax restore``: ``--solver`` names, and ``--set FIELD=VALUE``
 overrides of any field of the frozen solver config (nested ``FIELD.SUBFIELD=VALUE`` for the
-optimizer), parsed as the type of the field's current value."""
+optimizer), parsed as the field's declared type.
+
+The type comes from the dataclass field's annotation (``float | None`` accepts a number or
+``none``), or, where the annotation names no command-line type, from the current value.
+Numbers must be finite: ``nan``, ``inf`` and overflowing literals such as ``1e400`` are
+refused when parsed, naming the option, rather than reaching the sampler."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 
 from p2l_jax.errors import P2LError
 
 SOLVERS = {"p2l": "P2LConfig", "ldps": "LDPSConfig", "gml-dps": "GMLDPSConfig",
            "psld": "PSLDConfig"}
+
+_NONE_WORDS = ("none", "null")
+
+
+def default_steps_help() -> str:
+    """``--steps`` help: the default is the solver config's ``num_steps``."""
+    import p2l_jax.solvers as solvers
+
+    defaults = sorted({f.default for name in SOLVERS.values()
+                       for f in dataclasses.fields(getattr(solvers, name))
+                       if f.name == "num_steps"})
+    value = str(defaults[0]) if len(defaults) == 1 else "/".join(map(str, defaults))
+    return f"number of sampler steps (default: the solver config's num_steps, {value} [paper])"
 
 
 def solver_config(args):
@@ -18,7 +39,7 @@ def solver_config(args):
 
     cls = getattr(solvers, SOLVERS[args.solver])
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {"num_steps": args.steps}
+    kwargs = {} if args.steps is None else {"num_steps": args.steps}
     if args.prompt is not None:
         if "prompt" not in fields:
             raise P2LError(f"--prompt is not an option of --solver {args.solver}")
@@ -29,21 +50,47 @@ def solver_config(args):
     return config
 
 
-def _coerce(text: str, current, option: str):
-    """Parse ``text`` as the type of the field's current value (bool, int, float, str)."""
-    if isinstance(current, bool):
+def _declared_types(config, name: str) -> tuple[type, ...]:
+    """The command-line types (bool, int, float, str) and ``NoneType`` that the annotation of
+    field ``name`` admits, in order; empty if it admits none (then the value's type rules)."""
+    try:
+        hint = typing.get_type_hints(type(config))[name]
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: fall back to the value
+        return ()
+    args = (typing.get_args(hint)
+            if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,))
+    return tuple(a for a in args if a in (bool, int, float, str, type(None)))
+
+
+def _parse(text: str, kind: type, option: str):
+    if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise P2LError(f"{option}: expected true/false, got {text!r}")
-    for kind in (int, float):
-        if isinstance(current, kind):
-            try:
-                return kind(text)
-            except ValueError:
-                raise P2LError(f"{option}: expected {kind.__name__}, got {text!r}") from None
-    return text
+        raise ValueError
+    if kind is float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise P2LError(f"{option}: expected a finite number, got {text!r}")
+        return value
+    return kind(text)
+
+
+def _coerce(text: str, kinds: tuple[type, ...], option: str):
+    """Parse ``text`` as the first of ``kinds`` that accepts it."""
+    if type(None) in kinds and text.lower() in _NONE_WORDS:
+        return None
+    for kind in kinds:
+        if kind is type(None):
+            continue
+        try:
+            return _parse(text, kind, option)
+        except ValueError:
+            continue
+    names = [("true/false" if k is bool else "none" if k is type(None) else k.__name__)
+             for k in kinds]
+    raise P2LError(f"{option}: expected {' or '.join(names)}, got {text!r}")
 
 
 def override_field(config, assignment: str, owner: str):
@@ -59,9 +106,15 @@ def override_field(config, assignment: str, owner: str):
     if rest:
         if not dataclasses.is_dataclass(current):
             raise P2LError(f"--set {name}: {head} has no sub-options")
-        value = override_field(current, f"{rest}={text}", f"{owner} {head}")
+        try:
+            value = override_field(current, f"{rest}={text}", f"{owner} {head}")
+        except P2LError as err:  # name the option as the user wrote it
+            raise P2LError(str(err).replace(f"--set {rest}", f"--set {name}", 1)) from None
     else:
-        value = _coerce(text, current, f"--set {name}")
+        kinds = _declared_types(config, head)
+        if not kinds:
+            kinds = next(((k,) for k in (bool, int, float) if isinstance(current, k)), (str,))
+        value = _coerce(text, kinds, f"--set {name}")
     try:
         return dataclasses.replace(config, **{head: value})
     except (TypeError, ValueError) as err:
