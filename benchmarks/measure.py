@@ -3,6 +3,9 @@
 * :func:`median_time`: steady-state wall time of a call (after one warm-up), blocking on JAX
   outputs; the median of ``repeats`` calls, so one preempted call on a shared machine does
   not move it.
+* :func:`interleaved_times`: the same for several calls at once, round robin (one call of
+  each per round), so a change of machine load between them (on a shared machine) hits all
+  alike and their ratios hold better than the absolute times.
 * :func:`peak_memory`: the accelerator's ``peak_bytes_in_use`` where the device reports memory
   statistics (GPU, TPU), else the process's resident-set high-water mark (``ru_maxrss``,
   CPU), which also counts the host copies of parameters and everything loaded before.
@@ -40,6 +43,32 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tupl
         block(fn())
         samples.append(time.perf_counter() - start)
     return statistics.median(samples), samples
+
+
+def interleaved_times(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """``{name: {"median_s", "samples_s", "first_call_s"} | {"error": str}}`` for each
+    ``fns[name]()``: ``max(warmup, 1)`` untimed calls of each (the first timed apart, e.g. a
+    compile on first call), then ``repeats`` rounds that call every function once in turn.
+    A function that raises is reported with its error and left out of the rounds."""
+    results, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            start = time.perf_counter()
+            block(fn())
+            results[name] = {"first_call_s": time.perf_counter() - start, "samples_s": []}
+            for _ in range(warmup - 1):
+                block(fn())
+            live[name] = fn
+        except Exception as err:  # e.g. torch.compile without a working toolchain
+            results[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    for _ in range(max(repeats, 1)):
+        for name, fn in live.items():
+            start = time.perf_counter()
+            block(fn())
+            results[name]["samples_s"].append(time.perf_counter() - start)
+    for name in live:
+        results[name]["median_s"] = statistics.median(results[name]["samples_s"])
+    return results
 
 
 def peak_memory(device=None) -> dict:

@@ -4,22 +4,36 @@
     p2l-jax bench ...                      (the same options)
 
 For one configuration (model, resolution, batch, steps, solver, gradient variant, dtype,
-attention implementation, remat) it measures, in one process:
+attention implementation, remat, convolution form) it measures, in one process:
 
 * ``compile_s``: lowering + XLA compilation of the whole solve (one ``lax.scan`` program);
-  with ``--compilation-cache DIR`` and ``--second-process``, the same compile in a fresh
+  ``compile_s_no_projection`` the same with ``projection="none"`` (solvers that project);
+  with ``--compilation-cache DIR`` and ``--second-process``, the solve's compile in a fresh
   process that reads the persistent cache (``compile_s_second_process``);
-* ``solve_time_s`` (median), ``time_per_image_s``, ``images_per_s`` of the fused program;
-* ``step_time_s``: one solver step compiled alone, at the first timestep without projection
-  (steady state); ``dispatch_time_s`` = steps x step_time_s, the unfused alternative;
+* ``solve_time_s`` (median), ``time_per_image_s``, ``images_per_s`` of the fused solve;
+* ``solve_step_time_s``: the real per-step time inside the solve's scan,
+  (solve time - one decode) / steps, with the configured projection, and
+  ``solve_step_time_no_projection_s`` the same for the solve with ``projection="none"``;
+* ``step_time_s``: one solver step compiled alone, at the first timestep without projection;
+  ``dispatch_time_s`` = steps x step_time_s, the unfused alternative;
 * FLOPs per step: XLA's cost analysis of the compiled step (which counts the projection
   branch of its ``lax.cond``) and the analytic count of :mod:`benchmarks.flops`, with their
   ratio; ``achieved_flops_per_s`` = analytic step FLOPs / step_time_s and ``utilization``
   against ``matmul_peak`` (a large matmul in the same dtype, timed in this run);
-* ``peak_memory`` (device peak, or the process RSS high-water mark on CPU, read before the
-  torch part) and XLA's planned buffers of the solve (``xla_memory``);
+* ``peak_memory`` (device peak, or the process RSS high-water mark on CPU, read after the
+  JAX programs ran and before torch is loaded) and XLA's planned buffers of the solve and of
+  the step (``xla_memory``, ``xla_memory_step``);
 * ``torch``: the reference P2L step (tests/torch_reference.py) on the same weights and batch,
-  eager and torch.compile, and ``jax_over_torch`` = JAX step time / torch step time.
+  without and (solvers that project) with projection, eager and torch.compile;
+  ``jax_over_torch`` = JAX isolated step / torch step and ``jax_over_torch_solve`` = JAX
+  per-step time inside the solve / torch step, without and with projection (< 1: JAX faster).
+
+All JAX programs and torch steps are timed interleaved, round robin (``--repeats`` rounds,
+:func:`benchmarks.measure.interleaved_times`), so load from other processes hits both sides
+alike; the load average is recorded at the start and the end (``device.load_average``,
+``load_average_end``). ``--conv xla`` measures the plain ``lax.conv_general_dilated`` form
+(what the networks ran before the CPU form of :mod:`p2l_jax.models.conv`), ``--conv auto``
+(default) what the package picks.
 
 It prints a markdown row (:func:`markdown_row`) and writes the JSON record (``--json``).
 The measurement y is an inpainting of random images (``--task``, default ``inpaint-random``),
@@ -63,6 +77,7 @@ class BenchConfig:
     second_process: bool = False
     compile_only: bool = False
     seed: int = 0
+    conv: str = "auto"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time the compile in a fresh process using the cache")
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--conv", default=d.conv, choices=("auto", "xla", "cpu"),
+                   help="convolution form (P2L_JAX_CONV, p2l_jax.models.conv): auto, xla "
+                        "(plain lax.conv_general_dilated) or cpu (%(default)s)")
     p.add_argument("--json", type=Path, default=None, help="write the JSON record here")
     p.add_argument("--markdown", type=Path, default=None, help="append the markdown row here")
 
@@ -100,7 +118,7 @@ def config_from_args(args) -> BenchConfig:
                        task=args.task, repeats=args.repeats, torch_modes=modes,
                        compilation_cache=args.compilation_cache,
                        second_process=args.second_process, compile_only=args.compile_only,
-                       seed=args.seed)
+                       seed=args.seed, conv=args.conv)
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -166,13 +184,15 @@ def _lower_compile(fn, *args, **static):
     return compiled, time.perf_counter() - start
 
 
-def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict]:
-    """The JAX measurements; returns (record fields, arrays the torch side reuses)."""
+def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
+    """The JAX programs: (record fields, {name: timed call}, arrays the torch side reuses).
+    Compiles the solve (as configured and without projection), one step and a decode, and
+    calls each once, so ``peak_memory`` covers them."""
     import jax
     import jax.numpy as jnp
 
     from benchmarks import flops as flopcount
-    from benchmarks.measure import median_time, peak_memory
+    from benchmarks.measure import block, peak_memory
     from p2l_jax.solvers.driver import (SOLVERS, initial_state, make_problem,
                                         schedule_inputs, solve_prepared)
 
@@ -182,11 +202,18 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict]:
     log("compiling the solve")
     solve, compile_s = _lower_compile(solve_prepared, model, op, y, keys, C0, None, config=config,
                                       latent_shape=latent_shape)
-    out = {"compile_s": compile_s}
+    out = {"compile_s": compile_s, "projection": getattr(config, "projection", "none")}
     if cfg.compile_only:
-        return out, {}
-    log(f"compiled in {compile_s:.1f} s; timing the solve")
-    solve_s, solve_samples = median_time(lambda: solve(model, op, y, keys, C0, None), cfg.repeats)
+        return out, {}, {}
+    calls = {"jax_solve": lambda: solve(model, op, y, keys, C0, None)}
+    projects = getattr(config, "projection", "none") != "none"
+    out["compile_s_no_projection"] = None
+    if projects:
+        log(f"compiled in {compile_s:.1f} s; compiling the solve without projection")
+        plain = dataclasses.replace(config, projection="none")
+        solve_np, out["compile_s_no_projection"] = _lower_compile(
+            solve_prepared, model, op, y, keys, C0, None, config=plain, latent_shape=latent_shape)
+        calls["jax_solve_no_projection"] = lambda: solve_np(model, op, y, keys, C0, None)
 
     def init(model, op, y, keys, C0):
         return initial_state(make_problem(model, op, y, keys, config), C0, latent_shape)
@@ -199,35 +226,57 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict]:
     inp = inp._replace(project=jnp.asarray(False))
     log("compiling one step")
     step_c, step_compile_s = _lower_compile(jax.jit(step), model, op, y, keys, state, inp)
-    log("timing one step")
-    step_s, step_samples = median_time(lambda: step_c(model, op, y, keys, state, inp),
-                                       cfg.repeats)
-    memory = peak_memory()
-    mem = solve.memory_analysis()
+    calls["jax_step"] = lambda: step_c(model, op, y, keys, state, inp)
+    decode = jax.jit(lambda m, z: m.decode(z)).lower(model, state.z).compile()
+    calls["jax_decode"] = lambda: decode(model, state.z)
+    log("first calls")
+    for call in calls.values():
+        block(call())
+    mem, step_mem = solve.memory_analysis(), step_c.memory_analysis()
     xla_step = float(step_c.cost_analysis().get("flops", float("nan")))
     forwards = flopcount.network_forwards(model, cfg.batch, latent_shape[:2])
     analytic = flopcount.step_flops(forwards, config)
     analytic["step_program"] = analytic["step"] + analytic["projection"]
     analytic["forward"] = {k: v.total for k, v in forwards.items()}
     n_proj = sum(bool(p) for p in schedule_inputs(model, config).project)
-    solve_flops = (cfg.steps * analytic["step"] + n_proj * analytic["projection"]
-                   + forwards["decoder"].total)
     out.update({
-        "solve_time_s": solve_s, "solve_samples_s": solve_samples,
-        "time_per_image_s": solve_s / cfg.batch, "images_per_s": cfg.batch / solve_s,
-        "step_compile_s": step_compile_s, "step_time_s": step_s, "step_samples_s": step_samples,
-        "dispatch_time_s": cfg.steps * step_s,
+        "step_compile_s": step_compile_s, "peak_memory": peak_memory(),
         "flops_per_step_xla": xla_step, "flops_per_step_analytic": analytic,
         "xla_over_analytic": xla_step / analytic["step_program"],
-        "achieved_flops_per_s": analytic["step"] / step_s,
-        "achieved_flops_per_s_solve": solve_flops / solve_s,
-        "peak_memory": memory,
-        "xla_memory": {"argument_bytes": int(mem.argument_size_in_bytes),
-                       "output_bytes": int(mem.output_size_in_bytes),
-                       "temp_bytes": int(mem.temp_size_in_bytes)},
+        "solve_flops": (cfg.steps * analytic["step"] + n_proj * analytic["projection"]
+                        + forwards["decoder"].total),
+        "xla_memory": _xla_memory(mem), "xla_memory_step": _xla_memory(step_mem),
     })
     z = jax.random.normal(jax.random.key(cfg.seed), (cfg.batch, *latent_shape), jnp.float32)
-    return out, {"config": config, "op": op, "y": y, "z": z, "C0": C0}
+    return out, calls, {"config": config, "op": op, "y": y, "z": z, "C0": C0}
+
+
+def _xla_memory(mem) -> dict:
+    return {"argument_bytes": int(mem.argument_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+def timing_fields(cfg: BenchConfig, times: dict, out: dict) -> dict:
+    """Record fields from :func:`benchmarks.measure.interleaved_times` of the JAX calls."""
+    med = lambda name: times[name]["median_s"] if name in times else None
+    samples = lambda name: times[name]["samples_s"] if name in times else None
+    solve_s, step_s, decode_s = med("jax_solve"), med("jax_step"), med("jax_decode")
+    per_step = lambda total: (total - decode_s) / cfg.steps
+    # a solver that never projects: its solve is the solve without projection
+    no_proj_s = med("jax_solve_no_projection") or solve_s
+    return {
+        "solve_time_s": solve_s, "solve_samples_s": samples("jax_solve"),
+        "time_per_image_s": solve_s / cfg.batch, "images_per_s": cfg.batch / solve_s,
+        "solve_step_time_s": per_step(solve_s),
+        "solve_no_projection_time_s": no_proj_s,
+        "solve_step_time_no_projection_s": per_step(no_proj_s),
+        "decode_time_s": decode_s,
+        "step_time_s": step_s, "step_samples_s": samples("jax_step"),
+        "dispatch_time_s": cfg.steps * step_s,
+        "achieved_flops_per_s": out["flops_per_step_analytic"]["step"] / step_s,
+        "achieved_flops_per_s_solve": out["solve_flops"] / solve_s,
+    }
 
 
 def _second_process_compile(cfg: BenchConfig) -> float | None:
@@ -236,7 +285,7 @@ def _second_process_compile(cfg: BenchConfig) -> float | None:
             "--model", cfg.model, "--batch", str(cfg.batch), "--steps", str(cfg.steps),
             "--solver", cfg.solver, "--gradient", cfg.gradient, "--dtype", cfg.dtype,
             "--attention", cfg.attention, "--task", cfg.task, "--seed", str(cfg.seed),
-            "--compilation-cache", str(cfg.compilation_cache)]
+            "--compilation-cache", str(cfg.compilation_cache), "--conv", cfg.conv]
     argv += ["--resolution", str(cfg.resolution)] if cfg.resolution else []
     argv += ["--remat"] if cfg.remat else []
     root = Path(__file__).resolve().parents[1]
@@ -259,78 +308,126 @@ def device_info() -> dict:
 
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run one configuration and return its JSON record (see the module docstring)."""
+    previous = os.environ.get("P2L_JAX_CONV")
+    os.environ["P2L_JAX_CONV"] = cfg.conv  # read when the programs are traced
+    try:
+        return _run_benchmark(cfg)
+    finally:
+        if previous is None:
+            os.environ.pop("P2L_JAX_CONV")
+        else:
+            os.environ["P2L_JAX_CONV"] = previous
+
+
+def _run_benchmark(cfg: BenchConfig) -> dict:
     import jax
     import numpy as np
 
-    from benchmarks.measure import matmul_peak
+    from benchmarks.measure import interleaved_times, matmul_peak
 
     if cfg.compilation_cache:
         enable_compilation_cache(cfg.compilation_cache)
     start = time.perf_counter()
-    log(f"building {cfg.model} ({cfg.dtype}, attention {cfg.attention})")
+    log(f"building {cfg.model} ({cfg.dtype}, attention {cfg.attention}, conv {cfg.conv})")
     model, dicts = build_model(cfg)
     record = {"config": dataclasses.asdict(cfg), "device": device_info(),
               "model_build_s": time.perf_counter() - start,
               "parameters": int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(
                   model.params)))}
-    jax_fields, arrays = run_jax(cfg, model)
+    jax_fields, calls, arrays = run_jax(cfg, model)
     record.update(jax_fields)
     if cfg.compile_only:
         return record
     record["compile_s_second_process"] = (_second_process_compile(cfg)
                                           if cfg.second_process and cfg.compilation_cache
                                           else None)
+    record["torch"], record["jax_over_torch"], record["jax_over_torch_solve"] = {}, {}, {}
+    if cfg.torch_modes and not cfg.task.startswith("inpaint"):
+        record["torch"] = {m: {"error": "the torch reference implements inpainting only"}
+                           for m in cfg.torch_modes}
+    elif cfg.torch_modes:
+        from benchmarks.torch_baseline import torch_step_fns
+
+        log(f"torch reference step: {', '.join(cfg.torch_modes)}")
+        torch_fns = torch_step_fns(model, dicts, arrays["config"], arrays["op"].mask,
+                                   arrays["y"], arrays["z"], arrays["C0"], dtype=cfg.dtype,
+                                   modes=cfg.torch_modes)
+        calls.update({("torch", mode, projected): fn
+                      for (mode, projected), fn in torch_fns.items()})
+    log(f"timing {len(calls)} calls interleaved, {cfg.repeats} rounds")
+    times = interleaved_times(calls, cfg.repeats)
+    record.update(timing_fields(cfg, times, record))
+    record["load_average_end"] = list(os.getloadavg())
+    for mode in cfg.torch_modes:
+        if mode not in record["torch"]:  # else: the inpainting-only error
+            torch_ratios(record, mode, times.get(("torch", mode, False), {}),
+                         times.get(("torch", mode, True), {}))
     log("matmul peak")
     record["matmul_peak"] = matmul_peak(model.dtype)
     record["utilization"] = record["achieved_flops_per_s"] / record["matmul_peak"]["flops_per_s"]
-    record["torch"], record["jax_over_torch"] = {}, {}
-    if cfg.torch_modes:
-        from benchmarks.torch_baseline import time_torch_step
-
-        log(f"torch reference step: {', '.join(cfg.torch_modes)}")
-        if not cfg.task.startswith("inpaint"):
-            record["torch"] = {m: {"error": "the torch reference implements inpainting only"}
-                               for m in cfg.torch_modes}
-        else:
-            record["torch"] = time_torch_step(
-                model, dicts, arrays["config"], arrays["op"].mask, arrays["y"], arrays["z"],
-                arrays["C0"], dtype=cfg.dtype, modes=cfg.torch_modes, repeats=cfg.repeats)
-        record["jax_over_torch"] = {m: record["step_time_s"] / r["step_time_s"]
-                                    for m, r in record["torch"].items()
-                                    if isinstance(r, dict) and "step_time_s" in r}
     return record
+
+
+def torch_ratios(record: dict, mode: str, plain: dict, projected: dict) -> None:
+    """Fill ``record["torch"][mode]`` and the JAX / torch ratios from the interleaved times
+    of the torch step without (``plain``) and with (``projected``) projection."""
+    if "error" in plain:
+        record["torch"][mode] = {"error": plain["error"]}
+        return
+    t = {"step_time_s": plain["median_s"], "samples_s": plain["samples_s"],
+         "compile_s": max(plain["first_call_s"] - plain["median_s"], 0.0),
+         "step_time_projection_s": projected.get("median_s")}
+    record["torch"][mode] = t
+    record["jax_over_torch"][mode] = record["step_time_s"] / t["step_time_s"]
+    record["jax_over_torch_solve"][mode] = {
+        "no_projection": record["solve_step_time_no_projection_s"] / t["step_time_s"],
+        "projection": (None if t["step_time_projection_s"] is None
+                       else record["solve_step_time_s"] / t["step_time_projection_s"])}
 
 
 #: Top-level keys of every full record (``--compile-only`` records stop after ``compile_s``).
 RECORD_FIELDS = (
-    "config", "device", "model_build_s", "parameters", "compile_s", "compile_s_second_process",
-    "solve_time_s", "solve_samples_s", "time_per_image_s", "images_per_s", "step_compile_s",
-    "step_time_s", "step_samples_s", "dispatch_time_s", "flops_per_step_xla",
+    "config", "device", "model_build_s", "parameters", "compile_s", "projection",
+    "compile_s_no_projection", "compile_s_second_process",
+    "solve_time_s", "solve_samples_s", "time_per_image_s", "images_per_s", "solve_step_time_s",
+    "solve_no_projection_time_s", "solve_step_time_no_projection_s", "decode_time_s",
+    "step_compile_s", "step_time_s", "step_samples_s", "dispatch_time_s", "flops_per_step_xla",
     "flops_per_step_analytic", "xla_over_analytic", "achieved_flops_per_s",
-    "achieved_flops_per_s_solve", "peak_memory", "xla_memory", "matmul_peak", "utilization",
-    "torch", "jax_over_torch")
+    "achieved_flops_per_s_solve", "peak_memory", "xla_memory", "xla_memory_step",
+    "matmul_peak", "utilization", "torch", "jax_over_torch", "jax_over_torch_solve",
+    "load_average_end")
 
-MARKDOWN_HEADER = ("| model | px | batch | steps | solver / gradient | dtype | attention | remat "
-                   "| compile s | step s | s / image | images/s | GFLOP/step (XLA / analytic) "
-                   "| GFLOP/s | util. | peak mem GiB | torch eager step s | torch compile step s "
-                   "| JAX / eager | JAX / compile |\n" + "|---" * 20 + "|")
+MARKDOWN_HEADER = ("| model | px | steps | solver / gradient | dtype | conv | compile s "
+                   "| step s | solve step s (no proj / proj) | torch eager step s (no proj / "
+                   "proj) | JAX / eager: step | JAX / eager: solve step (no proj / proj) "
+                   "| JAX / compile: step | s / image | GFLOP/step (XLA / analytic) | util. "
+                   "| peak mem GiB | XLA temp GiB (solve) | load avg |\n" + "|---" * 19 + "|")
 
 
 def markdown_row(r: dict) -> str:
-    """One table row of a record (columns of :data:`MARKDOWN_HEADER`)."""
+    """One table row of a record (columns of :data:`MARKDOWN_HEADER`; n/a where absent)."""
     c, t = r["config"], r.get("torch", {})
     fmt = lambda v, spec=".3g": "n/a" if v is None else format(v, spec)
-    ts = lambda m: fmt(t.get(m, {}).get("step_time_s"))
-    ratio = lambda m: fmt(r.get("jax_over_torch", {}).get(m), ".2f")
+    pair = lambda a, b, spec=".3g": f"{fmt(a, spec)} / {fmt(b, spec)}"
+    eager = t.get("eager", {})
+    solve_ratio = r.get("jax_over_torch_solve", {}).get("eager", {})
     px = c["resolution"] or "native"
     a = r["flops_per_step_analytic"]
-    return (f"| {c['model']} | {px} | {c['batch']} | {c['steps']} | {c['solver']} / "
-            f"{c['gradient']} | {c['dtype']} | {c['attention']} | {'on' if c['remat'] else 'off'} "
-            f"| {fmt(r['compile_s'])} | {fmt(r['step_time_s'])} | {fmt(r['time_per_image_s'])} "
-            f"| {fmt(r['images_per_s'])} | {fmt(r['flops_per_step_xla'] / 1e9)} / "
-            f"{fmt(a['step_program'] / 1e9)} | {fmt(r['achieved_flops_per_s'] / 1e9)} "
-            f"| {fmt(100 * r['utilization'], '.1f')}% | {fmt(r['peak_memory']['bytes'] / 2**30)} "
-            f"| {ts('eager')} | {ts('compile')} | {ratio('eager')} | {ratio('compile')} |")
+    load = r["device"]["load_average"][0], r.get("load_average_end", [None])[0]
+    batch = f" x{c['batch']}" if c["batch"] != 1 else ""
+    proj = r["solve_step_time_s"] if r.get("projection", "none") != "none" else None
+    return (f"| {c['model']}{batch} | {px} | {c['steps']} | {c['solver']} / {c['gradient']} "
+            f"| {c['dtype']} | {c.get('conv', 'xla')} | {fmt(r['compile_s'])} "
+            f"| {fmt(r['step_time_s'])} "
+            f"| {pair(r['solve_step_time_no_projection_s'], proj)} "
+            f"| {pair(eager.get('step_time_s'), eager.get('step_time_projection_s'))} "
+            f"| {fmt(r.get('jax_over_torch', {}).get('eager'), '.2f')} "
+            f"| {pair(solve_ratio.get('no_projection'), solve_ratio.get('projection'), '.2f')} "
+            f"| {fmt(r.get('jax_over_torch', {}).get('compile'), '.2f')} "
+            f"| {fmt(r['time_per_image_s'])} | {fmt(r['flops_per_step_xla'] / 1e9)} / "
+            f"{fmt(a['step_program'] / 1e9)} | {fmt(100 * r['utilization'], '.1f')}% "
+            f"| {fmt(r['peak_memory']['bytes'] / 2**30)} "
+            f"| {fmt(r['xla_memory']['temp_bytes'] / 2**30)} | {pair(*load, '.1f')} |")
 
 
 def main(args) -> int:

@@ -4,9 +4,10 @@ The diffusers UNet and VAE are built from the same ``config.json`` dicts as the 
 filled with the JAX parameters (``p2l_jax.weights.state_to_torch``), so both sides run the same
 network on the same numbers. One step is ``guided_step_reference`` at the first timestep
 without projection: the K prompt iterations (forward and backward through UNet and decoder,
-Adam) and the latent gradient (forward and backward). ``eager`` runs the modules as they are;
-``compile`` wraps UNet and VAE in ``torch.compile`` (inductor) and reports its first-call time
-as compile time, or the error if it does not work here.
+Adam) and the latent gradient (forward and backward); with projection it adds a decode, the
+operator's prox and an encode. ``eager`` runs the modules as they are; ``compile`` wraps UNet
+and VAE in ``torch.compile`` (inductor). The benchmark times these steps interleaved with the
+JAX programs (:func:`benchmarks.measure.interleaved_times`).
 
 torch is imported here only, lazily: runtime code under p2l_jax never imports it.
 """
@@ -14,7 +15,6 @@ torch is imported here only, lazily: runtime code under p2l_jax never imports it
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +57,12 @@ def torch_modules(model, config_dicts: dict, dtype: str):
     return nets["unet"], nets["vae"], scheduler
 
 
-def time_torch_step(model, config_dicts: dict, solver_config, mask, y, z, C0, *, dtype: str,
-                    modes: tuple[str, ...], repeats: int) -> dict:
-    """``{mode: {"step_time_s", "samples_s", "compile_s"} | {"error": str}}`` for each mode.
+def torch_step_fns(model, config_dicts: dict, solver_config, mask, y, z, C0, *, dtype: str,
+                   modes: tuple[str, ...]) -> dict:
+    """``{(mode, projected): step()}``: the reference step without projection and, for a
+    solver that projects, with it (``projected`` True), for each mode; ``step()`` runs one
+    step (and waits for the GPU). ``compile`` wraps UNet and VAE in ``torch.compile``: its
+    first call compiles, so callers time the first call apart.
 
     ``mask`` (1, H, W, C), ``y`` (B, H, W, 3), ``z`` (B, h, w, c), ``C0`` (1, 77, d) are the
     JAX benchmark's arrays (NHWC), converted to torch's NCHW here.
@@ -80,29 +83,19 @@ def time_torch_step(model, config_dicts: dict, solver_config, mask, y, z, C0, *,
     tune = getattr(solver_config, "tune_prompt", False)
     opt = torch.optim.Adam([C], lr=1e-4) if tune else None
     K = getattr(solver_config, "K", 1)
-    results = {"device": dev}
+    projection = getattr(solver_config, "projection", "none")
+    lam = getattr(solver_config, "lam", 1.0)
+    fns = {}
     for mode in modes:
-        try:
-            u, v = (unet, vae) if mode == "eager" else (torch.compile(unet), torch.compile(vae))
-
-            def step():
+        u, v = (unet, vae) if mode == "eager" else (torch.compile(unet), torch.compile(vae))
+        for projected in (False, True) if projection != "none" else (False,):
+            def step(u=u, v=v, projected=projected):
                 out = ref.guided_step_reference(u, v, scheduler, z_t, t, C, opt, y_t, A,
-                                                tune=tune, K=K, project=False, lam=1.0)
+                                                tune=tune, K=K, project=projected, lam=lam,
+                                                projection=projection)
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 return out
 
-            start = time.perf_counter()
-            step()
-            first = time.perf_counter() - start
-            samples = []
-            for _ in range(max(repeats, 1)):
-                start = time.perf_counter()
-                step()
-                samples.append(time.perf_counter() - start)
-            median = float(np.median(samples))
-            results[mode] = {"step_time_s": median, "samples_s": samples,
-                             "compile_s": max(first - median, 0.0)}
-        except Exception as err:  # torch.compile needs a working toolchain; report, go on
-            results[mode] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-    return results
+            fns[(mode, projected)] = step
+    return fns

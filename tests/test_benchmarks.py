@@ -53,6 +53,15 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     assert throughput.main(args) == 0
     record = json.loads(out.read_text())
     assert set(throughput.RECORD_FIELDS) <= set(record)
+    # LDPS never projects: its solve is the solve without projection, one step per step
+    assert record["projection"] == "none" and record["compile_s_no_projection"] is None
+    assert record["solve_step_time_s"] == record["solve_step_time_no_projection_s"] == (
+        pytest.approx(record["solve_time_s"] - record["decode_time_s"]))
+    assert record["torch"]["eager"]["step_time_projection_s"] is None
+    assert record["jax_over_torch_solve"]["eager"]["projection"] is None
+    assert record["jax_over_torch_solve"]["eager"]["no_projection"] == pytest.approx(
+        record["solve_step_time_s"] / record["torch"]["eager"]["step_time_s"])
+    assert len(record["device"]["load_average"]) == len(record["load_average_end"]) == 3
     assert record["config"]["model"] == "tiny" and record["parameters"] > 0
     assert {"step", "projection", "step_amortized", "step_program", "forward"} <= set(
         record["flops_per_step_analytic"])
@@ -61,6 +70,32 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     assert "step_time_s" in record["torch"]["eager"] and "eager" in record["jax_over_torch"]
     header, _, row = md.read_text().splitlines()
     assert header.count("|") == row.count("|")
+
+
+def test_solve_step_times_and_ratios_with_projection():
+    """A projecting solver: the solve's per-step time with and without projection, each over
+    the matching torch step (interleaved timings as benchmarks.measure returns them)."""
+    from benchmarks import throughput
+
+    cfg = throughput.BenchConfig(steps=4)
+    times = {"jax_solve": {"median_s": 9.0, "samples_s": [9.0]},
+             "jax_solve_no_projection": {"median_s": 5.0, "samples_s": [5.0]},
+             "jax_step": {"median_s": 1.5, "samples_s": [1.5]},
+             "jax_decode": {"median_s": 1.0, "samples_s": [1.0]}}
+    record = {"projection": "prox", "flops_per_step_analytic": {"step": 3.0e9},
+              "solve_flops": 30e9, "torch": {}, "jax_over_torch": {}, "jax_over_torch_solve": {}}
+    record.update(throughput.timing_fields(cfg, times, record))
+    assert record["solve_step_time_s"] == 2.0 and record["solve_step_time_no_projection_s"] == 1.0
+    assert record["dispatch_time_s"] == 6.0 and record["achieved_flops_per_s"] == 2e9
+    throughput.torch_ratios(record, "eager",
+                            {"median_s": 0.5, "samples_s": [0.5], "first_call_s": 0.7},
+                            {"median_s": 4.0, "samples_s": [4.0], "first_call_s": 4.0})
+    assert record["jax_over_torch"]["eager"] == 3.0
+    assert record["jax_over_torch_solve"]["eager"] == {"no_projection": 2.0, "projection": 0.5}
+    assert record["torch"]["eager"]["compile_s"] == pytest.approx(0.2)
+    throughput.torch_ratios(record, "compile", {"error": "RuntimeError: no compiler"}, {})
+    assert record["torch"]["compile"] == {"error": "RuntimeError: no compiler"}
+    assert "compile" not in record["jax_over_torch"]
 
 
 def test_cpu_breakdown_times_every_network_pass_in_both_frameworks(capsys):

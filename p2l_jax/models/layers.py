@@ -21,6 +21,7 @@ from flax import nnx
 
 from p2l_jax.errors import P2LError
 from p2l_jax.models.attention import attention, check_attention_impl
+from p2l_jax.models.conv import conv2d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +40,12 @@ class Build:
         check_attention_impl(self.attention_impl)
 
     def conv(self, cin: int, cout: int, kernel: int = 3, stride: int = 1,
-             padding: tuple[tuple[int, int], tuple[int, int]] | None = None) -> nnx.Conv:
+             padding: tuple[tuple[int, int], tuple[int, int]] | None = None) -> "Conv2d":
         """Conv2d; ``padding`` defaults to torch's symmetric (kernel - 1) // 2."""
         p = (kernel - 1) // 2
-        return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
-                        padding=padding if padding is not None else ((p, p), (p, p)),
-                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+        return Conv2d(cin, cout, kernel, stride,
+                      padding if padding is not None else ((p, p), (p, p)),
+                      dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
 
     def linear(self, cin: int, cout: int, bias: bool = True) -> nnx.Linear:
         return nnx.Linear(cin, cout, use_bias=bias, dtype=self.dtype,
@@ -55,6 +56,25 @@ class Build:
 
     def layer_norm(self, features: int, eps: float = 1e-5) -> "LayerNorm":
         return LayerNorm(features, eps, param_dtype=self.param_dtype)
+
+
+class Conv2d(nnx.Module):
+    """torch ``Conv2d`` on NHWC maps: y = conv2d(x, kernel) + bias with kernel (k, k, I, O),
+    computed in ``dtype`` by :func:`p2l_jax.models.conv.conv2d` (plain XLA convolution on
+    accelerators; on the CPU the forms XLA:CPU runs with its fast kernel, see that module)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int,
+                 padding: tuple[tuple[int, int], tuple[int, int]], *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.strides, self.padding, self.dtype = (stride, stride), padding, dtype
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, cin, cout), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.strides,
+                   self.padding)
+        return y + self.bias[...].astype(self.dtype)
 
 
 class Identity(nnx.Module):

@@ -1,0 +1,166 @@
+"""2-D convolution of the networks (NHWC input, HWIO kernel), in the form XLA:CPU runs fast.
+
+For x (B, H, W, I), kernel w (kh, kw, I, O), strides (s_h, s_w) and padding
+((lo_h, hi_h), (lo_w, hi_w)) (torch's cross-correlation, as ``lax.conv_general_dilated``):
+
+    y[b, p, q, o] = sum_{i, j, c} x_pad[b, s_h p + i, s_w q + j, c] w[i, j, c, o]
+
+with x_pad = x padded by (lo, hi) zeros, Ho = (H + lo_h + hi_h - kh) // s_h + 1 (Wo alike).
+
+On accelerators (and wherever ``P2L_JAX_CONV=xla``) this is plain ``lax.conv_general_dilated``.
+On the CPU backend it is written so that every convolution XLA sees, forward and backward, is
+one XLA:CPU hands to its Eigen kernel, because the others run in XLA's naive elemental loops
+(ten times slower or worse):
+
+* XLA:CPU calls Eigen only for a float32/float16 convolution with NHWC input, HWIO kernel,
+  NHWC output and no window reversal. It rewrites other layouts into that form
+  (ConvCanonicalization) only in the entry computation, not in the bodies of ``lax.scan``,
+  ``cond`` or ``while``, where the solver's steps and the prompt-tuning loop run. The input
+  gradient that JAX's conv transpose rule emits has an HWOI kernel (``01oi``) with window
+  reversal, and the kernel gradient swaps batch and feature roles: both are elemental there.
+  So the convolution is a ``jax.custom_vjp`` whose input gradient is itself a canonical
+  convolution (:func:`input_gradient`: the kernel flipped in space with input/output channels
+  swapped, the cotangent dilated by the stride and re-padded) and whose kernel gradient is a
+  matrix product of image patches with the cotangent (:func:`kernel_gradient`).
+* Where the map is smaller than the kernel (2x2 maps, 3x3 kernel), XLA's algebraic
+  simplifier swaps the operands of the convolution, which leaves the Eigen form, and even in
+  Eigen form a convolution over few positions and many channels is a poor GEMM. Such convs
+  (output positions Ho Wo <= O, or a map smaller than the kernel) are computed as one matrix
+  product of the patch matrix (B Ho Wo, kh kw I) with the kernel matrix (kh kw I, O)
+  (:func:`patch_conv`); autodiff of that is matrix products, pads and adds.
+* 1x1 convolutions without stride or padding are a matrix product over the channel axis.
+
+Outputs and gradients equal ``lax.conv_general_dilated``'s within float rounding (the sums
+run in another order); ``tests/test_conv_form.py`` checks that and the compiled form.
+
+Setting ``P2L_JAX_CONV`` [ours: ``auto``]: ``auto`` picks the CPU form when
+``jax.default_backend()`` is ``cpu`` at trace time and plain ``lax.conv_general_dilated``
+otherwise; ``xla`` forces the plain form, ``cpu`` the CPU form (both for measurements). It is
+read when a function is traced, so set it before the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from p2l_jax.errors import P2LError
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+_DIMS = ("NHWC", "HWIO", "NHWC")
+CONV_FORMS = ("auto", "xla", "cpu")
+
+
+def conv_form() -> str:
+    """The form this trace uses: ``xla`` or ``cpu`` (see the module docstring)."""
+    form = os.environ.get("P2L_JAX_CONV", "auto")
+    if form not in CONV_FORMS:
+        raise P2LError(f"environment P2L_JAX_CONV={form!r} is not one of {CONV_FORMS}")
+    if form == "auto":
+        # Decided per trace from the default backend: a program traced for the CPU while
+        # the default backend is an accelerator keeps the plain form (correct, slower).
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return form
+
+
+def output_size(size: int, k: int, s: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - k) // s + 1
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
+           padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
+    """y = x (*) kernel, NHWC / HWIO -> NHWC (module docstring); dtype of ``x``."""
+    strides = tuple(int(s) for s in strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if conv_form() == "xla":
+        return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS)
+    kh, kw, _, cout = kernel.shape
+    if (kh, kw) == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)):
+        return _matmul(x, kernel.reshape(kernel.shape[2:]))
+    ho = output_size(x.shape[1], kh, strides[0], padding[0])
+    wo = output_size(x.shape[2], kw, strides[1], padding[1])
+    if ho * wo <= cout or min(x.shape[1] * x.shape[2], ho * wo) < kh * kw:
+        return patch_conv(x, kernel, strides, padding)
+    return _canonical_conv(x, kernel, strides, padding)
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a (..., K) @ b (K, N) accumulated in float32, in a's dtype."""
+    out = lax.dot_general(a, b.astype(a.dtype), (((a.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+    return out.astype(a.dtype)
+
+
+def patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+            padding: Padding) -> jax.Array:
+    """(B, Ho, Wo, kh kw I): entry [b, p, q, (i kw + j) I + c] = x_pad[b, s_h p + i, s_w q + j, c],
+    the order of ``kernel.reshape(kh kw I, O)``."""
+    (kh, kw), (sh, sw) = window, strides
+    ho = output_size(x.shape[1], kh, sh, padding[0])
+    wo = output_size(x.shape[2], kw, sw, padding[1])
+    zero = jnp.zeros((), x.dtype)
+    xp = lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    cols = [xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def patch_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+               padding: Padding) -> jax.Array:
+    """The convolution as one matrix product: patches(x) (B Ho Wo, kh kw I) @ w (kh kw I, O)."""
+    kh, kw, cin, cout = kernel.shape
+    return _matmul(patches(x, (kh, kw), strides, padding), kernel.reshape(kh * kw * cin, cout))
+
+
+def input_gradient(g: jax.Array, kernel: jax.Array, in_shape: tuple[int, ...],
+                   strides: tuple[int, int], padding: Padding) -> jax.Array:
+    """dL/dx for dL/dy = g as one NHWC/HWIO convolution:
+
+        dx = dilate_s(g) (*) w~,    w~[i, j, o, c] = w[kh - 1 - i, kw - 1 - j, c, o]
+
+    with dilate_s inserting s - 1 zeros between positions (``lhs_dilation``) and padding
+    (k - 1 - lo, H + k - 1 - ((Ho - 1) s + 1) - (k - 1 - lo)) per axis, which makes the
+    output H x W (the transpose of the forward map).
+    """
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    pads = []
+    for axis in range(2):
+        k, s, lo = kernel.shape[axis], strides[axis], padding[axis][0]
+        dilated_out = (g.shape[1 + axis] - 1) * s + 1
+        before = k - 1 - lo
+        pads.append((before, in_shape[1 + axis] + k - 1 - dilated_out - before))
+    return lax.conv_general_dilated(g, flipped.astype(g.dtype), (1, 1), pads,
+                                    lhs_dilation=strides, dimension_numbers=_DIMS)
+
+
+def kernel_gradient(x: jax.Array, g: jax.Array, window: tuple[int, int],
+                    strides: tuple[int, int], padding: Padding) -> jax.Array:
+    """dL/dw = patches(x)^T g: (kh kw I, B Ho Wo) @ (B Ho Wo, O), reshaped to (kh, kw, I, O)."""
+    p = patches(x, window, strides, padding)
+    p = p.reshape(-1, p.shape[-1])
+    dw = lax.dot_general(p, g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    return dw.reshape(*window, x.shape[-1], g.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _canonical_conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS)
+
+
+def _canonical_fwd(x, kernel, strides, padding):
+    return _canonical_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _canonical_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    dx = input_gradient(g, kernel, x.shape, strides, padding)
+    dw = kernel_gradient(x, g, kernel.shape[:2], strides, padding)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)

@@ -1,0 +1,140 @@
+"""The networks' convolutions on the CPU backend: equal to ``lax.conv_general_dilated`` (outputs,
+input and kernel gradients) and compiled to the form XLA:CPU hands to its Eigen kernel (NHWC
+input, HWIO kernel, no window reversal) everywhere, inside the solver's scan and the prompt
+tuning loop too. See p2l_jax/models/conv.py for why."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+#: (input H, W, C_in, C_out, kernel, stride, padding): every kind of conv the UNet and VAE hold
+#: (3x3 symmetric, UNet down-sampler, VAE down-sampler padded right/bottom, 1x1), on maps large
+#: enough for the canonical-conv path and small enough for the patch-matrix path.
+CASES = [
+    (16, 16, 8, 12, 3, 1, ((1, 1), (1, 1))),
+    (9, 7, 6, 8, 3, 1, ((1, 1), (1, 1))),
+    (16, 16, 8, 8, 3, 2, ((1, 1), (1, 1))),
+    (16, 16, 8, 8, 3, 2, ((0, 1), (0, 1))),
+    (9, 11, 4, 6, 3, 2, ((0, 1), (0, 1))),
+    (4, 4, 48, 48, 3, 1, ((1, 1), (1, 1))),
+    (2, 2, 48, 40, 3, 1, ((1, 1), (1, 1))),
+    (4, 4, 64, 64, 3, 2, ((1, 1), (1, 1))),
+    (3, 3, 16, 16, 3, 2, ((1, 1), (1, 1))),
+    (1, 1, 8, 8, 3, 1, ((1, 1), (1, 1))),
+    (8, 8, 8, 16, 1, 1, ((0, 0), (0, 0))),
+]
+
+
+def _reference(x, w, stride, padding):
+    return lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "{}x{}x{}->{} k{} s{} p{}".format(*c))
+def test_cpu_form_equals_xla_conv_with_gradients(case, monkeypatch):
+    from p2l_jax.models.conv import conv2d
+
+    monkeypatch.setenv("P2L_JAX_CONV", "cpu")
+    h, w_, cin, cout, k, stride, padding = case
+    kx, kw, kg = jax.random.split(jax.random.key(sum(case[:5])), 3)
+    x = jax.random.normal(kx, (2, h, w_, cin))
+    w = jax.random.normal(kw, (k, k, cin, cout)) / np.sqrt(k * k * cin)
+    y_ref, pull_ref = jax.vjp(lambda x, w: _reference(x, w, stride, padding), x, w)
+    # fresh function objects: traced now, under P2L_JAX_CONV=cpu
+    y, pull = jax.vjp(jax.jit(lambda x, w: conv2d(x, w, (stride, stride), padding)), x, w)
+    g = jax.random.normal(kg, y_ref.shape)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    for got, want in [(y, y_ref), *zip(pull(g), pull_ref(g))]:
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * scale)
+
+
+def test_cpu_form_bfloat16_matches_within_bfloat16_rounding(monkeypatch):
+    from p2l_jax.models.conv import conv2d
+
+    monkeypatch.setenv("P2L_JAX_CONV", "cpu")
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 16))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16)) / 12.0
+    for h in (8, 2):  # canonical and patch-matrix paths
+        xs = x[:, :h, :h]
+        want = _reference(xs, w, 1, ((1, 1), (1, 1)))
+        got = jax.jit(lambda x, w: conv2d(x, w, (1, 1), ((1, 1), (1, 1))))(
+            xs.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.02,
+                                   atol=0.02 * float(jnp.abs(want).max()))
+
+
+_CONV = re.compile(r"=\s*(\w+)\[[^\]]*\][^=]*?\bconvolution\((.*)$")
+
+
+def slow_convolutions(hlo_text: str) -> list[str]:
+    """The convolutions of an optimized XLA:CPU module that its Eigen kernel cannot run:
+    dim labels other than NHWC/HWIO/NHWC (``b01f_01io->b01f``), a window reversal (the
+    operand-swapped form of a conv whose map is smaller than its kernel), or an element type
+    other than f32/f16."""
+    bad = []
+    for line in hlo_text.splitlines():
+        m = _CONV.search(line)
+        if not m:
+            continue
+        labels = re.search(r"dim_labels=([^,\s]+)", line).group(1)
+        if (labels != "b01f_01io->b01f" or "rhs_reversal" in line
+                or m.group(1) not in ("f32", "f16")):
+            bad.append(line.strip()[:240])
+    return bad
+
+
+def test_slow_convolution_finder_flags_the_forms_xla_emits_for_conv_gradients():
+    """The finder itself: JAX's own conv transpose inside a scan body, and a conv on a 2x2 map,
+    compile to the forms the networks must not contain."""
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    pads = ((1, 1), (1, 1))
+
+    def scanned(f):
+        return jax.jit(lambda x, w: lax.scan(lambda c, _: (f(c, w), None), x, None,
+                                              length=2)[0]).lower(x, w).compile().as_text()
+
+    input_grad = lambda x, w: jax.grad(lambda x: (_reference(x, w, 1, pads) ** 2).sum())(x)
+    assert slow_convolutions(scanned(input_grad))
+    forward = scanned(lambda x, w: _reference(x, w, 1, pads))  # 8x8 forward: Eigen form
+    assert "convolution(" in forward and not slow_convolutions(forward)
+    small = jax.jit(lambda x, w: jax.grad(lambda x: (_reference(x, w, 1, pads) ** 2).sum())(x))
+    assert slow_convolutions(small.lower(x[:, :2, :2], w).compile().as_text())
+
+
+def test_p2l_step_and_solve_compile_only_fast_convolutions():
+    """Regression (issue 16): the P2L step program (prompt-tuning loop, latent gradient,
+    projection) and a 2-step solve (the step inside ``lax.scan``) on the embedded model hold
+    no convolution outside XLA:CPU's Eigen form."""
+    import p2l_jax
+    from p2l_jax.operators import make_operator
+    from p2l_jax.solvers import P2LConfig
+    from p2l_jax.solvers.driver import (SOLVERS, initial_state, make_problem, prepare,
+                                        schedule_inputs, solve_prepared)
+
+    assert jax.default_backend() == "cpu"  # tests/conftest.py pins JAX_PLATFORMS=cpu
+    model = p2l_jax.load_model()
+    op = make_operator("inpaint-random", (64, 64))
+    y = jnp.zeros((1, 64, 64, 3))
+    config = P2LConfig(num_steps=2)
+    p = prepare(model, op, y, jax.random.key(0), config)
+
+    def step(model, op, y, keys, C0, inp):
+        problem = make_problem(model, op, y, keys, config)
+        return SOLVERS[P2LConfig](problem, initial_state(problem, C0, p.latent_shape), inp)
+
+    inp = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), schedule_inputs(model, config))
+    step_hlo = jax.jit(step).lower(model, op, p.y, p.keys, p.C0, inp).compile().as_text()
+    solve_hlo = solve_prepared.lower(model, op, p.y, p.keys, p.C0, p.C_neg, config=config,
+                                     latent_shape=p.latent_shape).compile().as_text()
+    for name, hlo in (("step", step_hlo), ("solve", solve_hlo)):
+        assert hlo.count("convolution(") > 20, name  # the networks' convs are there
+        bad = slow_convolutions(hlo)
+        assert not bad, f"{name}: {len(bad)} slow convolutions, e.g. {bad[:3]}"
