@@ -103,7 +103,7 @@ def test_config_from_dict_ignores_unknown_keys_and_is_hashable():
     ("mid_block_type", "UNetMidBlock2DCrossAttn"),
     ("time_embedding_type", "fourier"), ("num_class_embeds", 10),
     ("resnet_time_scale_shift", "scale_shift"), ("center_input_sample", True),
-    ("attention_head_dim", 3),
+    ("attention_head_dim", 32),
 ])
 def test_unsupported_or_invalid_option_names_key(key, value):
     with pytest.raises(P2LError, match=key) as err:

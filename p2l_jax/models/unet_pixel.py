@@ -103,13 +103,14 @@ class UNet2DConfig:
         if not isinstance(self.layers_per_block, int) or self.layers_per_block < 1:
             raise P2LError(f"layers_per_block must be a positive int, got "
                            f"{self.layers_per_block!r}")
-        for ch in self.block_out_channels:
+        for ch, kind in zip(self.block_out_channels, self.down_block_types):
             if ch % self.norm_num_groups or ch % (self.attn_norm_num_groups or 1):
                 raise P2LError(f"block_out_channels {ch} must be divisible by norm_num_groups "
                                f"{self.norm_num_groups} (and attn_norm_num_groups)")
-            if self.attention_head_dim is not None and ch % self.attention_head_dim:
-                raise P2LError(f"block_out_channels {ch} must be divisible by "
-                               f"attention_head_dim {self.attention_head_dim} (the head size)")
+            # heads = ch // head size (floor, as diffusers); zero heads would be no attention
+            if DOWN_BLOCK_TYPES[kind] and (self.attention_head_dim or ch) > ch:
+                raise P2LError(f"attention_head_dim {self.attention_head_dim} (the head size) "
+                               f"exceeds the {ch} channels of an attention block")
 
     @property
     def downscale_factor(self) -> int:
