@@ -100,8 +100,8 @@ def get_config(preset: str = "full") -> PixelConfig:
     if preset == "tiny":
         return PixelConfig(
             image_size=32, pool_size=16, eval_size=4, log_every=1, eval_every=100, ckpt_every=3,
-            stage=PixelStage(channels=(8, 8), down=("DownBlock2D", "AttnDownBlock2D"),
-                             up=("AttnUpBlock2D", "UpBlock2D"), head_dim=4, groups=4,
+            stage=PixelStage(channels=(8,), down=("AttnDownBlock2D",),
+                             up=("AttnUpBlock2D",), head_dim=4, groups=4,
                              batch_size=4, steps=6, lr=3e-3, warmup=1, ema_decay=0.5))
     raise ValueError(f"unknown preset {preset!r} (full, tiny)")
 
@@ -160,20 +160,18 @@ def write_model(output: Path, cfg: PixelConfig, params) -> Path:
     return tmp
 
 
-def verify(directory: Path, graphdef, params, x_val: jax.Array, key) -> dict:
-    """Load the written directory with ``p2l_jax.load_model`` and compare its eps with the
-    trained network's on noised validation images (the float16 rounding is the only change)."""
+def verify(directory: Path, params) -> dict:
+    """Load the written directory with ``p2l_jax.load_model`` and compare its parameters with
+    the trained ones: the float16 rounding must be the only change (relative error ~3e-4)."""
     from p2l_jax.model import load_model
 
-    model = load_model(directory)
-    t = jax.random.randint(key, (x_val.shape[0],), 0, 1000)
-    noise = jax.random.normal(jax.random.fold_in(key, 1), x_val.shape)
-    ab = model.alphas_cumprod[t][:, None, None, None]
-    x_t = jnp.sqrt(ab) * x_val + jnp.sqrt(1 - ab) * noise
-    loaded = jax.jit(lambda m, x, t: m.eps(x, t, None))(model, x_t, t)
-    trained = jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t))(params, x_t, t)
-    err = float(jnp.linalg.norm(loaded - trained) / jnp.linalg.norm(trained))
-    return {"fp16_eps_rel_err": round(err, 6), "eval_images": int(x_val.shape[0])}
+    loaded = jax.tree_util.tree_leaves(load_model(directory).params["unet"])
+    trained = jax.tree_util.tree_leaves(params)
+    if [a.shape for a in loaded] != [b.shape for b in trained]:
+        raise RuntimeError(f"{directory}: loaded parameters differ in shape from the trained")
+    diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(loaded, trained))
+    norm = sum(float(jnp.sum(b ** 2)) for b in trained)
+    return {"fp16_param_rel_err": round((diff / norm) ** 0.5, 6)}
 
 
 # ----------------------------------------------------------------------------- main
@@ -197,7 +195,10 @@ def _cumulative_clock(path: Path, log):
 
 
 def run(cfg: PixelConfig, output: Path, workdir: Path, log=print) -> dict:
-    """Train (resuming from ``workdir``), export to ``output``; return the summary."""
+    """Train (resuming from ``workdir``), export to ``output``; return the summary.
+
+    The training is ``train_embedded_model.train`` (AdamW, EMA, checkpoints) on ``pixel_loss``.
+    """
     t_start, fp = time.time(), fingerprint(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     log = _cumulative_clock(workdir / f"wall_{fp}.json", log)
@@ -247,7 +248,7 @@ def run(cfg: PixelConfig, output: Path, workdir: Path, log=print) -> dict:
         "params": {"unet": int(sum(x.size for x in jax.tree_util.tree_leaves(params)))},
     }
     tmp = write_model(output, cfg, params)
-    summary["shipped"] = verify(tmp, graphdef, params, x_val, jax.random.key(cfg.seed + 5))
+    summary["shipped"] = verify(tmp, params)
     timings["total_s_this_run"] = round(time.time() - t_start, 1)
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     summary["size_bytes"] = emb.directory_size(tmp)
