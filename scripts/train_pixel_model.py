@@ -3,8 +3,12 @@
 The comparison point for latent P2L: a prior that models the images themselves, so DPS runs
 with D = E = identity. One command, fixed seed, CPU only, resumable::
 
-    python scripts/train_pixel_model.py --output p2l_jax/assets/pixel_model
+    python scripts/train_pixel_model.py --output runs/pixel_model
     python scripts/train_pixel_model.py --preset tiny --output /tmp/px   # seconds, for tests
+
+The result (2.7 M parameters, 5.4 MB in float16) is not shipped in the package: the embedded
+model and tokenizer already take 11 of the package's 12 MB budget. It is reproduced by the
+command above (``benchmarks.pixel_vs_latent`` reads ``runs/pixel_model`` by default).
 
 Same data as the embedded model (``scripts/train_embedded_model.py``, whose pieces this script
 imports): a fixed pool of 64 px images from the ``train`` split of :mod:`p2l_jax.data` (same
