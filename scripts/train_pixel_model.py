@@ -198,10 +198,14 @@ def _cumulative_clock(path: Path, log):
     return clocked
 
 
-def run(cfg: PixelConfig, output: Path, workdir: Path, log=print) -> dict:
+def run(cfg: PixelConfig, output: Path, workdir: Path, log=print,
+        stop_at: int | None = None) -> dict:
     """Train (resuming from ``workdir``), export to ``output``; return the summary.
 
     The training is ``train_embedded_model.train`` (AdamW, EMA, checkpoints) on ``pixel_loss``.
+    ``stop_at``: train only up to that step (the schedule stays the full run's), then export;
+    a checkpoint already past it is exported as it is (``stop_at=0``: export the latest
+    checkpoint, to look at a run in progress).
     """
     t_start, fp = time.time(), fingerprint(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +243,8 @@ def run(cfg: PixelConfig, output: Path, workdir: Path, log=print) -> dict:
 
     t0 = time.time()
     params, history = emb.train(
-        "pixel", loss_fn, params, st.steps, emb.optimizer(st.lr, st.warmup, st.steps), batch_fn,
+        "pixel", loss_fn, params, st.steps if stop_at is None else min(stop_at, st.steps),
+        emb.optimizer(st.lr, st.warmup, st.steps), batch_fn,
         jax.random.key(cfg.seed + 4), workdir / "pixel_ckpt.npz", fp, cfg, log,
         ema_decay=st.ema_decay, eval_fn=lambda p: {"eps_mse": round(float(eval_fn(p)), 5)},
         metric_name="eps_mse")
@@ -249,6 +254,7 @@ def run(cfg: PixelConfig, output: Path, workdir: Path, log=print) -> dict:
     summary = {
         "seed": cfg.seed, "fingerprint": fp, "config": dataclasses.asdict(cfg),
         "timings": timings, "history": history,
+        "trained_steps": max([h["step"] for h in history] or [0]), "planned_steps": st.steps,
         "params": {"unet": int(sum(x.size for x in jax.tree_util.tree_leaves(params)))},
     }
     tmp = write_model(output, cfg, params)
@@ -269,12 +275,15 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="full", choices=("full", "tiny"))
     parser.add_argument("--workdir", type=Path, default=None,
                         help="checkpoints and data cache (default runs/train_pixel_<preset>)")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="train up to STEP only, then export (0: export the latest "
+                             "checkpoint of a run in progress)")
     args = parser.parse_args(argv)
     cfg = get_config(args.preset)
     workdir = args.workdir or Path(__file__).resolve().parents[1] / "runs" / \
         f"train_pixel_{args.preset}"
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-    run(cfg, args.output, workdir, log)
+    run(cfg, args.output, workdir, log, args.stop_at)
     return 0
 
 

@@ -88,3 +88,15 @@ def test_export_is_a_ddim_pipeline_that_diffusers_and_p2l_read_alike(trained):
     assert np.linalg.norm(out_jax - ref) / np.linalg.norm(ref) <= 1e-4
     assert summary["size_bytes"] > 0 and summary["params"]["unet"] == sum(
         p.numel() for p in unet.parameters())
+
+
+def test_stop_at_zero_exports_the_checkpoint_without_training(trained, tmp_path):
+    script, out, summary, *_ = trained
+    work = next(p for p in out.parent.iterdir() if p.name == "work")
+    logs = []
+    again = script.run(script.get_config("tiny"), tmp_path / "export", work, logs.append,
+                       stop_at=0)
+    assert not [m for m in logs if m.startswith("pixel: step ")], logs
+    assert again["trained_steps"] == summary["trained_steps"] == 6
+    part = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "export" / part).read_bytes() == (out / part).read_bytes()
