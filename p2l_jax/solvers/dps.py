@@ -38,10 +38,11 @@ class DPSConfig:
       eta: DDIM stochasticity [paper: 1, the ancestral DDPM sampler DPS is written with; DDIM
         with eta 1 has the DDPM posterior's mean and variance (beta-tilde) on any timestep
         subsequence. The paper's ImageNet/FFHQ networks learn their variance; these do not].
-      zeta: zeta' of zeta_t = zeta' / ||y - A x0hat|| [paper's rule; value 1.0 as the brief of
-        this project states the paper's, not re-checked against the paper's text; the official
-        code's configs correspond to zeta' 0.15 (SR x4, Gaussian deblur) and 0.25
-        (inpainting), see the module docstring].
+      zeta: zeta' of zeta_t = zeta' / ||y - A x0hat|| [the rule is the paper's; the value 1.0
+        is [ours], said to be the paper's for most tasks but not checked against its text
+        here; the official code's configs correspond to zeta' 0.15 (SR x4, Gaussian deblur)
+        and 0.25 (inpainting), see the module docstring; benchmarks.pixel_vs_latent chooses
+        it on the validation split].
       prompt: text whose embedding conditions a latent model [ours: the null prompt ""];
         ignored by a pixel-space model.
       gradient: "full" (through the UNet, the paper's) or "no_unet_jacobian"
