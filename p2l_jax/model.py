@@ -238,6 +238,9 @@ def load_model(path: str | Path | None = None, dtype: str = "float32", *, attent
                allow_pickle: bool = False) -> LatentDiffusionModel:
     """Load a Stable Diffusion 1.x/2.x directory in diffusers layout (or a converted one).
 
+    A directory whose ``unet/`` is a pixel-space ``UNet2DModel`` (a DDPM/DDIM pipeline) loads
+    as a :class:`p2l_jax.pixel_model.PixelDiffusionModel` (identity autoencoder, no text).
+
     Args:
       path: model directory; ``None`` loads the embedded default model shipped in the package.
       dtype: ``"float32"`` or ``"bfloat16"``: parameters and activations (norms, softmax and
@@ -253,6 +256,11 @@ def load_model(path: str | Path | None = None, dtype: str = "float32", *, attent
             raise P2LError("the embedded default model is not shipped in this build; "
                            "pass a model directory (path=... / --model DIR)")
     path = Path(path)
+    from p2l_jax.pixel_model import is_pixel_model, load_pixel_model
+
+    if path.is_dir() and is_pixel_model(path, _read_json):  # UNet2DModel: D = E = identity
+        return load_pixel_model(path, DTYPES[dtype], attention, _read_json,
+                                _scheduler_config_file, allow_pickle)
     check_layout(path)
     jdtype = DTYPES[dtype]
     from p2l_jax.models.attention import check_attention_impl
