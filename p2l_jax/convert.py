@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from p2l_jax.errors import P2LError
+from p2l_jax.layout import CONVERTED_MARKER, NETWORKS
 
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
@@ -38,8 +39,6 @@ def _flat_arrays(params: dict) -> dict[str, np.ndarray]:
 def save_converted(model, output: str | Path) -> Path:
     """Write ``model`` (a loaded LatentDiffusionModel) as a converted directory at ``output``."""
     import orbax.checkpoint as ocp
-
-    from p2l_jax.model import CONVERTED_MARKER, NETWORKS
 
     output = Path(output).resolve()
     source = Path(model.path)

@@ -7,16 +7,15 @@ from __future__ import annotations
 import dataclasses
 
 from p2l_jax.errors import P2LError
+from p2l_jax.solvers.registry import BY_NAME
 
-SOLVERS = {"p2l": "P2LConfig", "ldps": "LDPSConfig", "gml-dps": "GMLDPSConfig",
-           "psld": "PSLDConfig"}
+#: --solver NAME -> registry entry: the solvers that restore a measurement.
+SOLVERS = {name: solver for name, solver in BY_NAME.items() if solver.measured}
 
 
 def solver_config(args):
     """The frozen solver config of ``--solver`` with ``--steps`` (and ``--prompt``)."""
-    import p2l_jax.solvers as solvers
-
-    cls = getattr(solvers, SOLVERS[args.solver])
+    cls = SOLVERS[args.solver].config
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {"num_steps": args.steps}
     if args.prompt is not None:

@@ -1,17 +1,32 @@
-"""Frozen-dataclass configs of the solvers (static jit arguments; hashable).
+"""Frozen-dataclass configs of the solvers: the user's interface, split for the compiler.
 
 Every default is tagged as in docs/algorithm.md: [paper] from Chung et al. 2024, [reimpl] a
 public re-implementation's choice, [ours] this project's decision. All are overridable.
+
+A config holds three kinds of field, and :func:`split` separates them:
+
+* structure (num_steps, gradient, K, projection, remat, tune_prompt, the optimizer's kind,
+  whether DDIM guides): what the compiled program looks like. :class:`Structure` is a
+  hashable static jit argument that carries no number a step could read by mistake;
+* settings (fields declared with :func:`setting`: eta, rho, lam, project_every, omega, gamma,
+  gamma_ae, guidance_scale, and the optimizer's learning rate / b1 / b2 / eps / momentum):
+  plain numbers. They travel into the program as a pytree of float32 / int32 arrays
+  (rho as its (N,) per-step schedule), so another value compiles nothing and a sweep can
+  vmap over them (:func:`p2l_jax.solvers.sweep`);
+* inputs (prompt, negative_prompt): text turned into embeddings before the program runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Any, Hashable, Union
 
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from p2l_jax.errors import P2LError
+from p2l_jax.solvers.gradients import VARIANTS
 
 PROJECTIONS = ("prox", "glue", "none")
 
@@ -21,20 +36,30 @@ PROJECTIONS = ("prox", "glue", "none")
 #: 22.2 dB mean PSNR (SR x4, Gaussian deblur, box inpainting; sigma_y 0.05; 25 steps).
 DEFAULT_RHO = 0.3
 
-#: gamma and lambda of P2L's projection [ours]. Re-implementations used gamma = 8, lambda = 1.
-#: Chosen on the embedded model's validation split (8 images; SR x4, Gaussian deblur, box
-#: inpainting; sigma_y 0.05; 25 steps; mean PSNR; ``python -m benchmarks.tune_defaults``, see
-#: docs/RESULTS.md): lambda 1 -> 0.1 -> 0.01 gave 17.1 -> 19.2 -> 20.5 dB at gamma 8, then
-#: gamma 8 -> 2 -> 1 gave 20.5 -> 23.4 -> 24.0 dB. Projecting every step with a small lambda
-#: is what makes P2L consistent with y at few steps; with 1000 steps the paper-era values
-#: (``gamma=8, lam=1.0``) remain a reasonable override.
-DEFAULT_GAMMA = 1
+#: The projection period (``project_every``, the paper's gamma) and lambda of P2L's projection
+#: [ours]. Re-implementations used a period of 8 and lambda = 1. Chosen on the embedded model's
+#: validation split (8 images; SR x4, Gaussian deblur, box inpainting; sigma_y 0.05; 25 steps;
+#: mean PSNR; ``python -m benchmarks.tune_defaults``, see docs/RESULTS.md): lambda 1 -> 0.1 ->
+#: 0.01 gave 17.1 -> 19.2 -> 20.5 dB at period 8, then period 8 -> 2 -> 1 gave 20.5 -> 23.4 ->
+#: 24.0 dB. Projecting every step with a small lambda is what makes P2L consistent with y at
+#: few steps; with 1000 steps the paper-era values (``project_every=8, lam=1.0``) remain a
+#: reasonable override.
+DEFAULT_PROJECT_EVERY = 1
 DEFAULT_LAM = 0.01
 
 #: rho of the baselines without projection (LDPS, and GML-DPS / PSLD, which add one loss term
 #: each) [ours]: on the same validation sweep rho 0.1 / 0.3 / 1 gave 18.0 / 15.8 / 11.7 dB
 #: (0.3 was best for SR alone, 18.9 vs 17.0 dB, and far worse for deblurring and inpainting).
 DEFAULT_BASELINE_RHO = 0.1
+
+
+def setting(default, dtype=np.float32):
+    """A config field that is a number of the program, not its structure (module docstring)."""
+    return dataclasses.field(default=default, metadata={"setting": dtype})
+
+
+#: Fields that are neither structure nor settings: text, embedded before the program runs.
+INPUTS = ("prompt", "negative_prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +73,11 @@ class OptimizerConfig:
     """
 
     name: str = "adam"
-    learning_rate: float = 1e-4
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    momentum: float | None = None
+    learning_rate: float = setting(1e-4)
+    b1: float = setting(0.9)
+    b2: float = setting(0.999)
+    eps: float = setting(1e-8)
+    momentum: float | None = setting(None)
 
     def __post_init__(self):
         if self.name not in ("adam", "sgd"):
@@ -61,22 +86,84 @@ class OptimizerConfig:
             raise P2LError(f"option optimizer.learning_rate={self.learning_rate} must be > 0")
 
     def build(self) -> optax.GradientTransformation:
-        if self.name == "adam":
-            return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps)
-        return optax.sgd(self.learning_rate, momentum=self.momentum)
+        """The transform with these numbers as constants (for use outside the solvers)."""
+        return build_optimizer(*_split_optimizer(self))
 
 
 Optimizer = Union[OptimizerConfig, optax.GradientTransformation]
 
 
-def build_optimizer(optimizer: Optimizer) -> optax.GradientTransformation:
-    """The optax transform of a config's ``optimizer`` field (a config or a transform)."""
+#: The numbers each optimizer kind reads (momentum only when given).
+_OPTIMIZER_NUMBERS = {"adam": ("learning_rate", "b1", "b2", "eps"),
+                      "sgd": ("learning_rate", "momentum")}
+
+
+def _split_optimizer(optimizer: Optimizer) -> tuple[Hashable, dict]:
+    """(kind, numbers) of a config's ``optimizer`` field: kind ("adam",) or ("sgd", momentum
+    on?) and its numbers, or a user's optax transform itself and no numbers."""
     if isinstance(optimizer, OptimizerConfig):
-        return optimizer.build()
+        numbers = {k: getattr(optimizer, k) for k in _OPTIMIZER_NUMBERS[optimizer.name]
+                   if getattr(optimizer, k) is not None}
+        kind = ("sgd", optimizer.momentum is not None) if optimizer.name == "sgd" else ("adam",)
+        return kind, numbers
     if isinstance(optimizer, optax.GradientTransformation):
-        return optimizer
+        return optimizer, {}
     raise P2LError(f"option optimizer={optimizer!r} is neither an OptimizerConfig nor an "
                    "optax.GradientTransformation")
+
+
+def build_optimizer(kind: Hashable, numbers: dict) -> optax.GradientTransformation:
+    """The optax transform of an optimizer's (kind, numbers): Adam and SGD through
+    ``optax.inject_hyperparams``, so the numbers (arrays, traced or not) live in the
+    optimizer state rather than in the compiled program; a user's transform as given."""
+    if kind == ("adam",):
+        return optax.inject_hyperparams(optax.adam)(**numbers)
+    if isinstance(kind, tuple) and kind[0] == "sgd":  # momentum absent: optax's static None
+        return optax.inject_hyperparams(optax.sgd)(**numbers)
+    return kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """What shapes a solver's compiled program: the config class, N, and the other
+    structural fields by name (``structure.K``, ``structure.projection``, ...). Hashable: the
+    static argument of the jitted programs. It holds no setting, so a step cannot read a
+    number as a Python constant; numbers come from the settings pytree."""
+
+    solver: type
+    num_steps: int
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "options":
+            raise AttributeError(name)
+        for key, value in self.options:
+            if key == name:
+                return value
+        raise AttributeError(f"{self.solver.__name__} has no structural option {name!r}")
+
+
+def split(config) -> tuple[Structure, dict[str, Any]]:
+    """(structure, settings) of a solver config (module docstring).
+
+    settings: ``{name: float32 / int32 array}`` of the fields declared with :func:`setting`;
+    ``rho`` as its (N,) per-step schedule; the optimizer's numbers under ``"optimizer"``.
+    """
+    n = config.num_steps
+    options, settings = [], {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if "setting" in f.metadata:
+            a = np.asarray(value, f.metadata["setting"])
+            settings[f.name] = jnp.asarray(np.broadcast_to(a, (n,)) if f.name == "rho" else a)
+        elif f.name == "optimizer":
+            kind, numbers = _split_optimizer(value)
+            options.append(("optimizer", kind))
+            settings["optimizer"] = {k: jnp.asarray(v, np.float32) for k, v in numbers.items()}
+        elif f.name not in INPUTS and f.name != "num_steps":
+            options.append((f.name, value))
+    options += getattr(config, "derived_structure", lambda: [])()
+    return Structure(type(config), n, tuple(options)), settings
 
 
 def _check_common(cfg) -> None:
@@ -97,8 +184,6 @@ def _check_guided(cfg) -> None:
                            f"got {len(rho)}")
     elif not isinstance(rho, (int, float)):
         raise P2LError(f"option rho={rho!r} must be a float or a tuple of num_steps floats")
-    from p2l_jax.solvers.gradients import VARIANTS
-
     if cfg.gradient not in VARIANTS:
         raise P2LError(f"option gradient={cfg.gradient!r} is not one of {sorted(VARIANTS)}")
 
@@ -119,8 +204,11 @@ class P2LConfig:
         [ours: 0.3, see DEFAULT_RHO].
       projection: "prox" (x* = prox of A at D(z0hat), lambda = lam) [paper default],
         "glue" (x* = A^T y + (I - A^T A) D(z0hat), PSLD-style) or "none".
-      gamma: project every gamma steps, at step indices i with (i + 1) % gamma == 0
-        [ours: 1, see DEFAULT_GAMMA; re-implementations used 8; the phase is ours].
+      project_every: the projection period (the paper's gamma): project at step indices i
+        with (i + 1) % project_every == 0 [ours: 1, see DEFAULT_PROJECT_EVERY;
+        re-implementations used 8; the phase is ours]. A setting: when a sweep varies it,
+        the projection's ``lax.cond`` has a batched predicate and becomes a select that
+        computes both branches (same results, one decode + encode per step more).
       lam: lambda of the proximal projection [ours: 0.01, see DEFAULT_LAM;
         re-implementations used 1].
       gradient: gradient variant name (p2l_jax.solvers.gradients.VARIANTS) [paper: "full"].
@@ -128,27 +216,33 @@ class P2LConfig:
     """
 
     num_steps: int = 1000
-    eta: float = 0.0
+    eta: float = setting(0.0)
     prompt: str = ""
     tune_prompt: bool = True
     K: int = 1
     optimizer: Optimizer = OptimizerConfig()
-    rho: float | tuple[float, ...] = DEFAULT_RHO
+    rho: float | tuple[float, ...] = setting(DEFAULT_RHO)
     projection: str = "prox"
-    gamma: int = DEFAULT_GAMMA
-    lam: float = DEFAULT_LAM
+    project_every: int = setting(DEFAULT_PROJECT_EVERY, np.int32)
+    lam: float = setting(DEFAULT_LAM)
     gradient: str = "full"
     remat: bool = False
 
+    def __new__(cls, *args, **kwargs):
+        if "gamma" in kwargs:  # the old name, which PSLD uses for a loss weight
+            raise P2LError("option gamma of P2LConfig is now called project_every (the "
+                           "projection period); PSLDConfig's gamma is a loss weight")
+        return super().__new__(cls)
+
     def __post_init__(self):
         _check_guided(self)
-        build_optimizer(self.optimizer)
+        _split_optimizer(self.optimizer)
         if not isinstance(self.K, int) or self.K < 1:
             raise P2LError(f"option K={self.K!r} must be a positive int")
         if self.projection not in PROJECTIONS:
             raise P2LError(f"option projection={self.projection!r} is not one of {PROJECTIONS}")
-        if not isinstance(self.gamma, int) or self.gamma < 1:
-            raise P2LError(f"option gamma={self.gamma!r} must be a positive int")
+        if not isinstance(self.project_every, int) or self.project_every < 1:
+            raise P2LError(f"option project_every={self.project_every!r} must be a positive int")
         if not self.lam > 0:
             raise P2LError(f"option lam={self.lam} must be > 0")
         if self.gradient == "joint" and self.K != 1:
@@ -165,9 +259,9 @@ class LDPSConfig:
     """
 
     num_steps: int = 1000
-    eta: float = 0.0
+    eta: float = setting(0.0)
     prompt: str = ""
-    rho: float | tuple[float, ...] = DEFAULT_BASELINE_RHO
+    rho: float | tuple[float, ...] = setting(DEFAULT_BASELINE_RHO)
     gradient: str = "full"
     remat: bool = False
 
@@ -184,10 +278,10 @@ class GMLDPSConfig:
     """
 
     num_steps: int = 1000
-    eta: float = 0.0
+    eta: float = setting(0.0)
     prompt: str = ""
-    rho: float | tuple[float, ...] = DEFAULT_BASELINE_RHO
-    gamma_ae: float = 0.1
+    rho: float | tuple[float, ...] = setting(DEFAULT_BASELINE_RHO)
+    gamma_ae: float = setting(0.1)
     gradient: str = "full"
     remat: bool = False
 
@@ -206,11 +300,11 @@ class PSLDConfig:
     """
 
     num_steps: int = 1000
-    eta: float = 0.0
+    eta: float = setting(0.0)
     prompt: str = ""
-    rho: float | tuple[float, ...] = DEFAULT_BASELINE_RHO
-    omega: float = 1.0
-    gamma: float = 0.1
+    rho: float | tuple[float, ...] = setting(DEFAULT_BASELINE_RHO)
+    omega: float = setting(1.0)
+    gamma: float = setting(0.1)
     gradient: str = "full"
     remat: bool = False
 
@@ -230,12 +324,16 @@ class DDIMConfig:
     """
 
     num_steps: int = 50
-    eta: float = 0.0
+    eta: float = setting(0.0)
     prompt: str = ""
-    guidance_scale: float = 7.5
+    guidance_scale: float = setting(7.5)
     negative_prompt: str = ""
 
     def __post_init__(self):
         _check_common(self)
         if not isinstance(self.negative_prompt, str):
             raise P2LError(f"option negative_prompt={self.negative_prompt!r} must be a string")
+
+    def derived_structure(self) -> list[tuple[str, Any]]:
+        """Guidance on or off shapes the program (a second UNet pass); its scale does not."""
+        return [("guidance", self.guidance_scale != 1.0)]
