@@ -128,9 +128,9 @@ def build_model(cfg: BenchConfig):
 
 
 def solver_config(cfg: BenchConfig):
-    from p2l_jax.solvers import NAMES
+    from p2l_jax.solvers import BY_NAME
 
-    return NAMES[cfg.solver](num_steps=cfg.steps, gradient=cfg.gradient, remat=cfg.remat)
+    return BY_NAME[cfg.solver].config(num_steps=cfg.steps, gradient=cfg.gradient, remat=cfg.remat)
 
 
 def _problem_arrays(cfg: BenchConfig, model):
@@ -173,34 +173,41 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict]:
 
     from benchmarks import flops as flopcount
     from benchmarks.measure import median_time, peak_memory
-    from p2l_jax.solvers.driver import (SOLVERS, initial_state, make_problem,
-                                        schedule_inputs, solve_prepared)
+    from p2l_jax.solvers import split
+    from p2l_jax.solvers.program import initial_state, make_problem, solve_prepared, step_inputs
+    from p2l_jax.solvers.registry import solver_of
 
     config = solver_config(cfg)
+    structure, settings = split(config)
     op, y, keys, latent_shape = _problem_arrays(cfg, model)
     C0 = model.text_embeddings([config.prompt])
     log("compiling the solve")
-    solve, compile_s = _lower_compile(solve_prepared, model, op, y, keys, C0, None, config=config,
-                                      latent_shape=latent_shape)
+    solve, compile_s = _lower_compile(solve_prepared, model, op, y, keys, C0, None, settings,
+                                      structure=structure, latent_shape=latent_shape)
     out = {"compile_s": compile_s}
     if cfg.compile_only:
         return out, {}
     log(f"compiled in {compile_s:.1f} s; timing the solve")
-    solve_s, solve_samples = median_time(lambda: solve(model, op, y, keys, C0, None), cfg.repeats)
+    solve_s, solve_samples = median_time(lambda: solve(model, op, y, keys, C0, None, settings),
+                                         cfg.repeats)
 
-    def init(model, op, y, keys, C0):
-        return initial_state(make_problem(model, op, y, keys, config), C0, latent_shape)
+    def init(model, op, y, keys, C0, settings):
+        problem = make_problem(model, op, y, keys, structure, settings)
+        return initial_state(problem, C0, latent_shape)
 
-    def step(model, op, y, keys, state, inp):
-        return SOLVERS[type(config)](make_problem(model, op, y, keys, config), state, inp)
+    def step(model, op, y, keys, settings, state, inp):
+        problem = make_problem(model, op, y, keys, structure, settings)
+        return solver_of(type(config)).step(problem, state, inp)
 
-    state = jax.jit(init)(model, op, y, keys, C0)
-    inp = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), schedule_inputs(model, config))
+    state = jax.jit(init)(model, op, y, keys, C0, settings)
+    inputs = step_inputs(model, structure, settings, 1)
+    inp = jax.tree_util.tree_map(lambda a: a[0], inputs)
     inp = inp._replace(project=jnp.asarray(False))
     log("compiling one step")
-    step_c, step_compile_s = _lower_compile(jax.jit(step), model, op, y, keys, state, inp)
+    step_c, step_compile_s = _lower_compile(jax.jit(step), model, op, y, keys, settings, state,
+                                            inp)
     log("timing one step")
-    step_s, step_samples = median_time(lambda: step_c(model, op, y, keys, state, inp),
+    step_s, step_samples = median_time(lambda: step_c(model, op, y, keys, settings, state, inp),
                                        cfg.repeats)
     memory = peak_memory()
     mem = solve.memory_analysis()
@@ -209,7 +216,7 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict]:
     analytic = flopcount.step_flops(forwards, config)
     analytic["step_program"] = analytic["step"] + analytic["projection"]
     analytic["forward"] = {k: v.total for k, v in forwards.items()}
-    n_proj = sum(bool(p) for p in schedule_inputs(model, config).project)
+    n_proj = int(jnp.sum(inputs.project))
     solve_flops = (cfg.steps * analytic["step"] + n_proj * analytic["projection"]
                    + forwards["decoder"].total)
     out.update({

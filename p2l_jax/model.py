@@ -32,7 +32,7 @@ from flax import nnx
 
 from p2l_jax.convert import restore_params
 from p2l_jax.errors import P2LError
-from p2l_jax.layout import COMPONENTS, CONVERTED_MARKER, NETWORKS  # noqa: F401 (re-exported)
+from p2l_jax.layout import COMPONENTS, CONVERTED_MARKER
 from p2l_jax.schedule import ScheduleConfig, model_output_to_eps
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

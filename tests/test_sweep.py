@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import p2l_jax
 from p2l_jax.errors import P2LError
-from p2l_jax.operators import Inpainting
 from p2l_jax.solvers import LDPSConfig, OptimizerConfig, P2LConfig, compiled_programs, solve, sweep
 from p2l_jax.solvers.sweep import grid_points, with_values
+from test_settings import problem  # noqa: F401  (the tiny model, 2 images, inpainting)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = P2LConfig(num_steps=3, eta=0.3, optimizer=OptimizerConfig(learning_rate=1e-2))
@@ -34,16 +33,6 @@ POINTS = [{"rho": r, "lam": l, "project_every": g, "optimizer.learning_rate": lr
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def problem(tiny_sd1_dir):
-    model = p2l_jax.load_model(tiny_sd1_dir)
-    mask = np.ones((64, 64), np.float32)
-    mask[8:40, 16:56] = 0.0
-    op = Inpainting(mask)
-    x = np.random.RandomState(1).uniform(-0.8, 0.8, (2, 64, 64, 3)).astype(np.float32)
-    return model, op, op.forward(x), jax.random.split(jax.random.key(11), 2)
 
 
 FIELDS = ("images", "latents", "embedding", "residual", "prompt_loss", "residual_final")

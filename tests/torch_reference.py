@@ -95,8 +95,8 @@ def guided_step_reference(unet, vae, scheduler, z, t, C, opt, y, A, *, tune, K, 
     return out
 
 
-def _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, *, tune, K, projection, project_every, lam,
-         lr=None, b1=0.9, b2=0.999, adam_eps=1e-8):
+def _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, *, tune, K, projection, project_every,
+         lam, lr=None, b1=0.9, b2=0.999, adam_eps=1e-8):
     N = cfg.num_steps
     scheduler.set_timesteps(N)
     B = z_T.shape[0]
@@ -124,7 +124,8 @@ def p2l_reference(unet, vae, scheduler, C0, y, A, z_T, noises, cfg):
     """P2L with Adam prompt tuning (cfg.optimizer must be an OptimizerConfig named adam)."""
     o = cfg.optimizer
     return _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, tune=cfg.tune_prompt, K=cfg.K,
-                projection=cfg.projection, project_every=cfg.project_every, lam=cfg.lam, lr=o.learning_rate,
+                projection=cfg.projection, project_every=cfg.project_every, lam=cfg.lam,
+                lr=o.learning_rate,
                 b1=o.b1, b2=o.b2, adam_eps=o.eps)
 
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from p2l_jax.errors import P2LError
 from p2l_jax.solvers import program
-from p2l_jax.solvers.configs import Structure, split
+from p2l_jax.solvers.configs import INPUTS, Structure, split
 from p2l_jax.solvers.driver import prepare
 from p2l_jax.solvers.program import SolveResult
 
@@ -118,15 +118,26 @@ def sweep(model, operator, y, key, config, grid, *, batched: bool = True, latent
     arguments are :func:`p2l_jax.solvers.solve`'s."""
     points = grid_points(grid)
     configs = [with_values(config, p) for p in points]
-    structure, settings, varying = stack(configs)
-    p = prepare(model, operator, y, key, config, latent_size=latent_size, embedding=embedding,
-                negative_embedding=negative_embedding)
-    args = (model, operator, p.y, p.keys, p.C0, p.C_neg, settings)
-    if any(varying):
-        results = program.sweep_prepared(*args, structure=structure,
-                                         latent_shape=p.latent_shape, varying=varying,
-                                         batched=batched)
-    else:  # every point has the same settings (vmap needs one batched input): one run
-        one = program.solve_prepared(*args, structure=structure, latent_shape=p.latent_shape)
-        results = SolveResult(*(jnp.broadcast_to(a, (len(points),) + a.shape) for a in one))
+    results = sweep_configs(model, operator, y, key, configs, batched=batched,
+                            latent_size=latent_size, embedding=embedding,
+                            negative_embedding=negative_embedding)
     return SweepResult(points, configs, results)
+
+
+def sweep_configs(model, operator, y, key, configs: Sequence, *, batched: bool = True,
+                  latent_size=None, embedding=None, negative_embedding=None) -> SolveResult:
+    """:func:`sweep` over configs already built (one structure, e.g. from a harness's own
+    settings names): their results with the point axis P in front."""
+    structure, settings, varying = stack(configs)
+    for name in INPUTS:  # text is embedded once, before the program
+        if len({getattr(c, name, None) for c in configs}) > 1:
+            raise P2LError(f"option grid: {name} differs between points; a sweep varies "
+                           "settings only (pass per-image embeddings instead)")
+    p = prepare(model, operator, y, key, configs[0], latent_size=latent_size,
+                embedding=embedding, negative_embedding=negative_embedding)
+    args = (model, operator, p.y, p.keys, p.C0, p.C_neg, settings)
+    if not any(varying):  # every point has the same settings (vmap needs one batched input)
+        one = program.solve_prepared(*args, structure=structure, latent_shape=p.latent_shape)
+        return SolveResult(*(jnp.broadcast_to(a, (len(configs),) + a.shape) for a in one))
+    return program.sweep_prepared(*args, structure=structure, latent_shape=p.latent_shape,
+                                  varying=varying, batched=batched)
