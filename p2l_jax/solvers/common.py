@@ -135,33 +135,6 @@ def prompt_init(problem: Problem, C):
     return jax.vmap(problem.optimizer.init)(C)
 
 
-def prompt_objective(problem: Problem, z_t, t, ab_t, C):
-    """sum_b r_b(stopgrad(z_t), C)^2 / n and the per-sample values: P2L step 1's loss.
-
-    A per-sample sum, so sample b's gradient in C depends on sample b alone.
-    """
-    z_t = jax.lax.stop_gradient(z_t)
-    z0hat = tweedie(z_t, problem.eps(z_t, t, C), ab_t)
-    loss = prompt_loss_from_residual(problem, residual(problem, problem.decode(z0hat)))
-    return loss.sum(), loss
-
-
-def tune_prompt(problem: Problem, z_t, t, ab_t, C, opt_state, K: int):
-    """P2L step 1: K times g_C = grad_C r(stopgrad(z_t), C)^2 / n; (C, S) = optax update.
-
-    Returns (C*, S, loss before the first update (B,), last gradient g_C).
-    """
-
-    def one(carry, _):
-        C, S = carry
-        g, loss = jax.grad(prompt_objective, argnums=4, has_aux=True)(problem, z_t, t, ab_t, C)
-        C, S = prompt_update(problem, g, C, S)
-        return (C, S), (loss, g)
-
-    (C, opt_state), (losses, grads) = jax.lax.scan(one, (C, opt_state), None, length=K)
-    return C, opt_state, losses[0], grads[-1]
-
-
 # ---- projection and transition ---------------------------------------------------------
 def project_to_encoder_range(problem: Problem, z_t, ab_t, z0hat, eps, enabled):
     """P2L step 4, when ``enabled`` (a traced bool): x* from D(z0hat), z0hat <- E(x*),
@@ -179,7 +152,7 @@ def project_to_encoder_range(problem: Problem, z_t, ab_t, z0hat, eps, enabled):
 
     def project(args):
         z0hat, _ = args
-        x = problem.model.decode(jax.lax.stop_gradient(z0hat))
+        x = problem.decode(jax.lax.stop_gradient(z0hat))  # clipped if the structure says
         x_star = (problem.operator.prox(x, problem.y, problem.settings["lam"]) if mode == "prox"
                   else glue(problem, x))
         z0_new = problem.model.encode(x_star)

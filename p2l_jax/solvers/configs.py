@@ -27,6 +27,7 @@ import optax
 
 from p2l_jax.errors import P2LError
 from p2l_jax.solvers.gradients import VARIANTS
+from p2l_jax.solvers.prompt_objectives import OBJECTIVES
 
 PROJECTIONS = ("prox", "glue", "none")
 
@@ -67,7 +68,12 @@ class OptimizerConfig:
     """The prompt optimizer as a hashable description; ``build()`` gives the optax transform.
 
     Default [reimpl]: Adam(lr = 1e-4, b1 = 0.9, b2 = 0.999, eps = 1e-8).
-    ``name`` is ``adam`` or ``sgd`` (plain gradient descent, ``momentum`` optional). For any
+    ``name`` is ``adam`` or ``sgd`` (plain gradient descent, ``momentum`` optional).
+    ``per_run`` [ours; default False, the re-implementations' absolute rate]: read
+    ``learning_rate`` as the movement budget of the whole run and give each of the N K
+    updates ``learning_rate / (N K)``. Adam moves a coordinate by at most about its rate per
+    update, so the paper's 1e-4 over 1000 steps is a budget of 0.1 that a 25-step run with the
+    absolute rate would cut 40-fold; ``per_run=True, learning_rate=0.1`` keeps it. For any
     other optax ``GradientTransformation``, pass the transformation itself as the solver
     config's ``optimizer`` (it hashes by identity: build it once and reuse it).
     """
@@ -78,6 +84,7 @@ class OptimizerConfig:
     b2: float = setting(0.999)
     eps: float = setting(1e-8)
     momentum: float | None = setting(None)
+    per_run: bool = False
 
     def __post_init__(self):
         if self.name not in ("adam", "sgd"):
@@ -98,12 +105,15 @@ _OPTIMIZER_NUMBERS = {"adam": ("learning_rate", "b1", "b2", "eps"),
                       "sgd": ("learning_rate", "momentum")}
 
 
-def _split_optimizer(optimizer: Optimizer) -> tuple[Hashable, dict]:
+def _split_optimizer(optimizer: Optimizer, updates: int = 1) -> tuple[Hashable, dict]:
     """(kind, numbers) of a config's ``optimizer`` field: kind ("adam",) or ("sgd", momentum
-    on?) and its numbers, or a user's optax transform itself and no numbers."""
+    on?) and its numbers, or a user's optax transform itself and no numbers. ``updates``: the
+    run's number of optimizer updates (N K), which a ``per_run`` learning rate is divided by."""
     if isinstance(optimizer, OptimizerConfig):
         numbers = {k: getattr(optimizer, k) for k in _OPTIMIZER_NUMBERS[optimizer.name]
                    if getattr(optimizer, k) is not None}
+        if optimizer.per_run:
+            numbers["learning_rate"] = optimizer.learning_rate / updates
         kind = ("sgd", optimizer.momentum is not None) if optimizer.name == "sgd" else ("adam",)
         return kind, numbers
     if isinstance(optimizer, optax.GradientTransformation):
@@ -157,13 +167,18 @@ def split(config) -> tuple[Structure, dict[str, Any]]:
             a = np.asarray(value, f.metadata["setting"])
             settings[f.name] = jnp.asarray(np.broadcast_to(a, (n,)) if f.name == "rho" else a)
         elif f.name == "optimizer":
-            kind, numbers = _split_optimizer(value)
+            kind, numbers = _split_optimizer(value, n * getattr(config, "K", 1))
             options.append(("optimizer", kind))
             settings["optimizer"] = {k: jnp.asarray(v, np.float32) for k, v in numbers.items()}
         elif f.name not in INPUTS and f.name != "num_steps":
             options.append((f.name, value))
     options += getattr(config, "derived_structure", lambda: [])()
     return Structure(type(config), n, tuple(options)), settings
+
+
+def _guidance_structure(cfg) -> list[tuple[str, Any]]:
+    """Guidance on or off shapes the program (a second UNet pass); its scale does not."""
+    return [("guidance", cfg.guidance_scale != 1.0)]
 
 
 def _check_common(cfg) -> None:
@@ -213,6 +228,20 @@ class P2LConfig:
         re-implementations used 1].
       gradient: gradient variant name (p2l_jax.solvers.gradients.VARIANTS) [paper: "full"].
       remat: rematerialize (jax.checkpoint) UNet and decoder inside the gradients.
+      prompt_objective: the loss step 1 descends, a name of
+        p2l_jax.solvers.prompt_objectives.OBJECTIVES: "tweedie" [paper], "renoised",
+        "marginal" [ours].
+      prompt_draws: M, the noise draws of the "renoised" and "marginal" objectives [ours: 4].
+      tune_start, tune_stop: step i tunes the prompt when tune_start <= i / N < tune_stop
+        [paper: every step, (0, 1)].
+      guidance_scale: classifier-free guidance w with the tuned C, every eps being
+        eps(z, C_neg) + w (eps(z, C) - eps(z, C_neg)), C_neg the embedding of
+        ``negative_prompt`` [reimpl: 1, no guidance, as LATINO-PRO; TReg samples with 4].
+      negative_prompt: the unconditional prompt of guidance [""].
+      clip_decoded: clip decoded images to [-1, 1] before the operator and the encoder
+        [reimpl: LATINO-PRO clips; default False, the paper does not say].
+
+    :meth:`paper` gives the settings the re-implementations read from the paper.
     """
 
     num_steps: int = 1000
@@ -227,6 +256,27 @@ class P2LConfig:
     lam: float = setting(DEFAULT_LAM)
     gradient: str = "full"
     remat: bool = False
+    prompt_objective: str = "tweedie"
+    prompt_draws: int = 4
+    tune_start: float = setting(0.0)
+    tune_stop: float = setting(1.0)
+    guidance_scale: float = setting(1.0)
+    negative_prompt: str = ""
+    clip_decoded: bool = False
+
+    @classmethod
+    def paper(cls, **overrides) -> "P2LConfig":
+        """The paper's P2L as the public re-implementations read it (its Table 6): 1000 DDIM
+        steps, K = 1, Adam lr 1e-4 on C from the null prompt, a proximal projection every 8
+        steps with lambda 1 [reimpl], rho 0.05 (LATINO-PRO's value at 999 steps) [reimpl],
+        no guidance. ``overrides`` replace any field, e.g. ``P2LConfig.paper(num_steps=200)``.
+        The class defaults are this project's, tuned on the embedded model (docs/RESULTS.md).
+        """
+        fields = dict(num_steps=1000, K=1, optimizer=OptimizerConfig(), projection="prox",
+                      project_every=8, lam=1.0, rho=0.05)
+        return cls(**{**fields, **overrides})
+
+    derived_structure = _guidance_structure
 
     def __new__(cls, *args, **kwargs):
         if "gamma" in kwargs:  # the old name, which PSLD uses for a loss weight
@@ -248,6 +298,19 @@ class P2LConfig:
         if self.gradient == "joint" and self.K != 1:
             raise P2LError(f"option K={self.K} must be 1 with gradient='joint' (one shared "
                            "forward/backward per step)")
+        if self.prompt_objective not in OBJECTIVES:
+            raise P2LError(f"option prompt_objective={self.prompt_objective!r} is not one of "
+                           f"{sorted(OBJECTIVES)}")
+        if self.gradient == "joint" and self.prompt_objective != "tweedie":
+            raise P2LError("option gradient='joint' derives g_C from the residual r, so it "
+                           f"needs prompt_objective='tweedie', not {self.prompt_objective!r}")
+        if not isinstance(self.prompt_draws, int) or self.prompt_draws < 1:
+            raise P2LError(f"option prompt_draws={self.prompt_draws!r} must be a positive int")
+        if not 0.0 <= self.tune_start < self.tune_stop:
+            raise P2LError(f"options tune_start={self.tune_start}, tune_stop="
+                           f"{self.tune_stop}: need 0 <= tune_start < tune_stop")
+        if not self.guidance_scale >= 0:
+            raise P2LError(f"option guidance_scale={self.guidance_scale} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +397,4 @@ class DDIMConfig:
         if not isinstance(self.negative_prompt, str):
             raise P2LError(f"option negative_prompt={self.negative_prompt!r} must be a string")
 
-    def derived_structure(self) -> list[tuple[str, Any]]:
-        """Guidance on or off shapes the program (a second UNet pass); its scale does not."""
-        return [("guidance", self.guidance_scale != 1.0)]
+    derived_structure = _guidance_structure

@@ -138,9 +138,9 @@ def _embedding(C, batch: int, name: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("structure",))
-def _gradients_at(model, operator, y, z_t, C, index, settings, *, structure):
+def _gradients_at(model, operator, y, z_t, C, C_neg, index, settings, *, structure):
     keys = per_sample_keys(jax.random.key(0), z_t.shape[0])
-    problem = make_problem(model, operator, y, keys, structure, settings)
+    problem = make_problem(model, operator, y, keys, structure, settings, C_neg)
     inputs = jax.tree_util.tree_map(lambda a: a[index], step_inputs(model, structure, settings, 1))
     state = State(z_t, C, prompt_init(problem, C) if problem.optimizer is not None else ())
     return VARIANTS[structure.gradient](problem, state, inputs, fidelity_objective(problem),
@@ -153,5 +153,7 @@ def gradients_at(model, operator, y, z_t, C, index: int, config):
     optimizer state and the fidelity objective r: a GradientResult (eps, z0hat, g_z, C*, S,
     prompt loss before tuning, g_C, r at the g_z point). For tests, research and benchmarks."""
     structure, settings = split(config)
+    C_neg = (model.text_embeddings([config.negative_prompt])
+             if getattr(structure, "guidance", False) else None)
     return _gradients_at(model, operator, jnp.asarray(y, jnp.float32), jnp.asarray(z_t),
-                         jnp.asarray(C), jnp.int32(index), settings, structure=structure)
+                         jnp.asarray(C), C_neg, jnp.int32(index), settings, structure=structure)

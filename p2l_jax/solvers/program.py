@@ -64,21 +64,40 @@ def padded_steps(num_steps: int, k: int) -> int:
     return -(-num_steps // k) * k
 
 
-def _network_fns(model, remat: bool):
+def _network_fns(model, structure: Structure):
     eps = lambda m, z, t, C: m.eps(z, t, C)
     decode = lambda m, z: m.decode(z)
-    if remat:
+    if getattr(structure, "clip_decoded", False):
+        decode = lambda m, z: jnp.clip(m.decode(z), -1.0, 1.0)
+    if getattr(structure, "remat", False):
         eps, decode = jax.checkpoint(eps), jax.checkpoint(decode)
     return functools.partial(eps, model), functools.partial(decode, model)
 
 
+def guided_eps(eps, C_neg, w):
+    """Classifier-free guidance: eps_w(z, t, C) = eps(z, t, C_neg) + w (eps(z, t, C) -
+    eps(z, t, C_neg)), both branches in one doubled batch."""
+
+    def guided(z, t, C):
+        t2 = jnp.concatenate([t, t]) if jnp.ndim(t) else t
+        both = eps(jnp.concatenate([z, z]), t2, jnp.concatenate([C_neg, C]))
+        neg, pos = jnp.split(both, 2)
+        return neg + w * (pos - neg)
+
+    return guided
+
+
 def make_problem(model, operator, y, keys, structure: Structure, settings, C_neg=None) -> Problem:
-    """The :class:`Problem` of a run (call inside a jitted function)."""
-    eps, decode = _network_fns(model, getattr(structure, "remat", False))
+    """The :class:`Problem` of a run (call inside a jitted function). With guidance on,
+    ``problem.eps`` is the guided prediction, so every solver step and prompt objective sees
+    the same eps."""
+    eps, decode = _network_fns(model, structure)
     kind = getattr(structure, "optimizer", None)
     optimizer = None if kind is None else build_optimizer(kind, settings["optimizer"])
     if C_neg is not None:
         C_neg = jnp.broadcast_to(C_neg, (keys.shape[0],) + C_neg.shape[1:])
+    if getattr(structure, "guidance", False):
+        eps = guided_eps(eps, C_neg, settings["guidance_scale"])
     return Problem(model=model, operator=operator, y=y, keys=keys, structure=structure,
                    settings=settings, optimizer=optimizer, eps=eps, decode=decode, C_neg=C_neg)
 
