@@ -72,7 +72,8 @@ def test_split_structure_holds_no_numbers_and_settings_are_arrays():
     sgd = P2LConfig(num_steps=4, optimizer=OptimizerConfig(name="sgd", momentum=0.9))
     structure, settings = split(sgd)
     assert dict(structure.options)["optimizer"] == ("sgd", True)
-    assert set(settings) == {"eta", "rho", "project_every", "lam", "optimizer"}
+    assert set(settings) == {"eta", "rho", "project_every", "lam", "optimizer", "tune_start",
+                             "tune_stop", "guidance_scale"}
     assert set(settings["optimizer"]) == {"learning_rate", "momentum"}
     assert settings["rho"].shape == (4,) and settings["project_every"].dtype == np.int32
     for leaf in jax.tree_util.tree_leaves(settings):
