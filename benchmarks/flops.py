@@ -10,9 +10,9 @@ A step combines network passes. "bwd" is an input-gradient backward pass: parame
 constants, so a dense layer or conv costs one forward again (dX only), the attention products
 twice (dQ, dK, dV, dP). Per P2L step with K prompt iterations (algorithm.md):
 
-    full:             (K + 1) (U + U' + D + D')       + (D + E) / gamma
-    no_unet_jacobian:  K (U + U' + D + D') + U + D + D' + (D + E) / gamma
-    joint:                 (U + U' + D + D')          + (D + E) / gamma
+    full:             (K + 1) (U + U' + D + D')       + (D + E) / project_every
+    no_unet_jacobian:  K (U + U' + D + D') + U + D + D' + (D + E) / project_every
+    joint:                 (U + U' + D + D')          + (D + E) / project_every
 
 with U, D, E the UNet, decoder, encoder forwards and ' their backward. The prompt gradient's
 UNet backward is counted whole although the layers before the first cross attention need no
@@ -196,7 +196,7 @@ def step_flops(forwards: dict[str, FlopCount], config) -> dict[str, float]:
     """Analytic FLOPs of one solver step (see the module docstring).
 
     Returns ``{"step": without projection, "projection": one projection's extra,
-    "step_amortized": step + projection / gamma}``.
+    "step_amortized": step + projection / project_every}``.
     """
     U, D, E = forwards["unet"], forwards["decoder"], forwards["encoder"]
     guided = U + U.backward() + D + D.backward()
@@ -213,6 +213,6 @@ def step_flops(forwards: dict[str, FlopCount], config) -> dict[str, float]:
             step = step + E + E.backward()
     projects = name == "P2LConfig" and config.projection != "none"
     projection = (D + E).total if projects else 0.0
-    gamma = config.gamma if projects else 1
+    every = config.project_every if projects else 1
     return {"step": step.total, "projection": projection,
-            "step_amortized": step.total + projection / gamma}
+            "step_amortized": step.total + projection / every}

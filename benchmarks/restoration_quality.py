@@ -101,7 +101,7 @@ def apply_setting(config, name: str, value):
         return dataclasses.replace(config, optimizer=dataclasses.replace(
             config.optimizer if isinstance(config.optimizer, OptimizerConfig)
             else OptimizerConfig(), learning_rate=float(value)))
-    if name in ("gamma", "num_steps"):
+    if name in ("project_every", "num_steps"):
         value = int(value)
     return dataclasses.replace(config, **{name: value})
 

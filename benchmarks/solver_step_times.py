@@ -27,9 +27,9 @@ def cases(steps: int):
 
     out = {}
     for v in VARIANTS:
-        out[f"p2l:{v}"] = P2LConfig(num_steps=steps, gamma=2, gradient=v)
+        out[f"p2l:{v}"] = P2LConfig(num_steps=steps, project_every=2, gradient=v)
         out[f"ldps:{v}"] = LDPSConfig(num_steps=steps, gradient=v)
-    out["p2l:full+remat"] = P2LConfig(num_steps=steps, gamma=2, remat=True)
+    out["p2l:full+remat"] = P2LConfig(num_steps=steps, project_every=2, remat=True)
     out["gml-dps:full"] = GMLDPSConfig(num_steps=steps)
     out["psld:full"] = PSLDConfig(num_steps=steps)
     out["ddim:cfg7.5"] = DDIMConfig(num_steps=steps)

@@ -146,9 +146,9 @@ def build_model(cfg: BenchConfig):
 
 
 def solver_config(cfg: BenchConfig):
-    from p2l_jax.solvers import NAMES
+    from p2l_jax.solvers import BY_NAME
 
-    return NAMES[cfg.solver](num_steps=cfg.steps, gradient=cfg.gradient, remat=cfg.remat)
+    return BY_NAME[cfg.solver].config(num_steps=cfg.steps, gradient=cfg.gradient, remat=cfg.remat)
 
 
 def _problem_arrays(cfg: BenchConfig, model):
@@ -193,40 +193,48 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
 
     from benchmarks import flops as flopcount
     from benchmarks.measure import block, peak_memory
-    from p2l_jax.solvers.driver import (SOLVERS, initial_state, make_problem,
-                                        schedule_inputs, solve_prepared)
+    from p2l_jax.solvers import split
+    from p2l_jax.solvers.program import initial_state, make_problem, solve_prepared, step_inputs
+    from p2l_jax.solvers.registry import solver_of
 
     config = solver_config(cfg)
+    structure, settings = split(config)
     op, y, keys, latent_shape = _problem_arrays(cfg, model)
     C0 = model.text_embeddings([config.prompt])
     log("compiling the solve")
-    solve, compile_s = _lower_compile(solve_prepared, model, op, y, keys, C0, None, config=config,
-                                      latent_shape=latent_shape)
+    solve, compile_s = _lower_compile(solve_prepared, model, op, y, keys, C0, None, settings,
+                                      structure=structure, latent_shape=latent_shape)
     out = {"compile_s": compile_s, "projection": getattr(config, "projection", "none")}
     if cfg.compile_only:
         return out, {}, {}
-    calls = {"jax_solve": lambda: solve(model, op, y, keys, C0, None)}
+    calls = {"jax_solve": lambda: solve(model, op, y, keys, C0, None, settings)}
     projects = getattr(config, "projection", "none") != "none"
     out["compile_s_no_projection"] = None
     if projects:
         log(f"compiled in {compile_s:.1f} s; compiling the solve without projection")
-        plain = dataclasses.replace(config, projection="none")
+        plain, plain_settings = split(dataclasses.replace(config, projection="none"))
         solve_np, out["compile_s_no_projection"] = _lower_compile(
-            solve_prepared, model, op, y, keys, C0, None, config=plain, latent_shape=latent_shape)
-        calls["jax_solve_no_projection"] = lambda: solve_np(model, op, y, keys, C0, None)
+            solve_prepared, model, op, y, keys, C0, None, plain_settings, structure=plain,
+            latent_shape=latent_shape)
+        calls["jax_solve_no_projection"] = lambda: solve_np(model, op, y, keys, C0, None,
+                                                            plain_settings)
 
-    def init(model, op, y, keys, C0):
-        return initial_state(make_problem(model, op, y, keys, config), C0, latent_shape)
+    def init(model, op, y, keys, C0, settings):
+        problem = make_problem(model, op, y, keys, structure, settings)
+        return initial_state(problem, C0, latent_shape)
 
-    def step(model, op, y, keys, state, inp):
-        return SOLVERS[type(config)](make_problem(model, op, y, keys, config), state, inp)
+    def step(model, op, y, keys, settings, state, inp):
+        problem = make_problem(model, op, y, keys, structure, settings)
+        return solver_of(type(config)).step(problem, state, inp)
 
-    state = jax.jit(init)(model, op, y, keys, C0)
-    inp = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), schedule_inputs(model, config))
+    state = jax.jit(init)(model, op, y, keys, C0, settings)
+    inputs = step_inputs(model, structure, settings, 1)
+    inp = jax.tree_util.tree_map(lambda a: a[0], inputs)
     inp = inp._replace(project=jnp.asarray(False))
     log("compiling one step")
-    step_c, step_compile_s = _lower_compile(jax.jit(step), model, op, y, keys, state, inp)
-    calls["jax_step"] = lambda: step_c(model, op, y, keys, state, inp)
+    step_c, step_compile_s = _lower_compile(jax.jit(step), model, op, y, keys, settings, state,
+                                            inp)
+    calls["jax_step"] = lambda: step_c(model, op, y, keys, settings, state, inp)
     decode = jax.jit(lambda m, z: m.decode(z)).lower(model, state.z).compile()
     calls["jax_decode"] = lambda: decode(model, state.z)
     log("first calls")
@@ -238,7 +246,7 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
     analytic = flopcount.step_flops(forwards, config)
     analytic["step_program"] = analytic["step"] + analytic["projection"]
     analytic["forward"] = {k: v.total for k, v in forwards.items()}
-    n_proj = sum(bool(p) for p in schedule_inputs(model, config).project)
+    n_proj = int(jnp.sum(inputs.project))
     out.update({
         "step_compile_s": step_compile_s, "peak_memory": peak_memory(),
         "flops_per_step_xla": xla_step, "flops_per_step_analytic": analytic,

@@ -2,26 +2,27 @@
 
     python -m benchmarks.tune_defaults [--model DIR] [--output DIR] [--quick] [--metric psnr]
 
-A coordinate sweep, not the full product (every setting is a static field of the solver config,
-so each grid point compiles its own program per task): starting from the configs' current
-defaults, for each axis in turn (P2L: rho, learning_rate, gamma, lam, num_steps; LDPS: rho)
-every value is evaluated with the other axes at their best so far, and the axis keeps the value
-with the best objective. The objective is the mean over tasks of the per-task mean ``--metric``
-over ``n`` validation images (task settings and scores as benchmarks.restoration_quality; LPIPS
-is minimised, PSNR / SSIM maximised). Settings that give the same solver config (for example
+A coordinate sweep: starting from the configs' current defaults, for each axis in turn (P2L:
+rho, learning_rate, project_every, lam, num_steps; LDPS: rho) every value is evaluated with the
+other axes at their best so far, and the axis keeps the value with the best objective. The
+values of one axis run together as one settings sweep (:func:`p2l_jax.solvers.sweep`: one
+compiled program vmapped over the points, per batch of images); only num_steps, the one
+structural axis, needs a program per value. The objective is the mean over tasks of the
+per-task mean ``--metric`` over ``n`` validation images (task settings and scores as
+benchmarks.restoration_quality; LPIPS is minimised, PSNR / SSIM maximised). Settings that give the same solver config (for example
 ``lam=0.01`` and ``lam=0.01, num_steps=25`` when 25 is the base) are evaluated once.
 
 Every evaluation is appended, as it finishes, to ``tune_defaults.journal.jsonl`` in the output
 folder; a rerun with the same sweep settings, model (path and weights' digest) and seed reuses the journal's evaluations
 instead of recomputing them (a crash or kill loses at most the evaluation in flight). The
 journal is kept after the final files are written and the grids are not part of its identity,
-so widening a grid after a run computes only the new points. Compiled programs are dropped after each
-evaluation (``jax.clear_caches``): every grid point compiles new ones, and keeping them all
-exhausted the memory of a 24 GiB machine after ten evaluations.
+so widening a grid after a run computes only the new points. (Before settings were arrays of
+the program every grid point compiled its own program, and keeping them exhausted the memory
+of a 24 GiB machine after ten evaluations; now one program serves a solver structure.)
 
 Prints and writes (``tune_defaults.json`` / ``.md``) every evaluation the sweep asked for (reused
 ones included, each once) and ``best``: the values the solver configs' documented defaults
-should take (P2LConfig.rho / gamma / lam / num_steps, OptimizerConfig.learning_rate,
+should take (P2LConfig.rho / project_every / lam / num_steps, OptimizerConfig.learning_rate,
 LDPSConfig.rho). ``restoration_quality --settings`` runs the table with them.
 """
 
@@ -32,17 +33,19 @@ import dataclasses
 import sys
 import time
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import quality
-from benchmarks.restoration_quality import resolve, restore
+from benchmarks.restoration_quality import resolve
 from p2l_jax import data
-from p2l_jax.solvers import LDPSConfig, P2LConfig, compiled_programs
+from p2l_jax.errors import P2LError
+from p2l_jax.solvers import LDPSConfig, P2LConfig, compiled_programs, split
+from p2l_jax.solvers.sweep import sweep_configs
 
 NAME = "tune_defaults"
 LOWER_IS_BETTER = {"lpips"}
-TUNABLE = ("rho", "learning_rate", "gamma", "lam", "num_steps")
+TUNABLE = ("rho", "learning_rate", "project_every", "lam", "num_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,7 @@ class TuneConfig:
     metric: str = "psnr"
     p2l_grid: tuple[tuple[str, tuple], ...] = (
         ("rho", (0.1, 0.3, 1.0, 3.0)), ("learning_rate", (1e-4, 1e-3, 1e-2)),
-        ("gamma", (2, 4, 8)), ("lam", (0.1, 1.0, 10.0)), ("num_steps", (25, 50, 100)))
+        ("project_every", (2, 4, 8)), ("lam", (0.1, 1.0, 10.0)), ("num_steps", (25, 50, 100)))
     ldps_grid: tuple[tuple[str, tuple], ...] = (("rho", (0.1, 0.3, 1.0, 3.0)),)
 
 
@@ -71,7 +74,7 @@ def get_config(quick: bool = False) -> TuneConfig:
 
 
 def parse_grid(items) -> tuple[tuple[str, tuple], ...] | None:
-    """``["rho=0.3,1", "gamma=4"]`` -> (("rho", (0.3, 1.0)), ("gamma", (4,))); None stays None."""
+    """``["rho=0.3,1", "lam=4"]`` -> (("rho", (0.3, 1.0)), ("lam", (4.0,))); None stays None."""
     if items is None:
         return None
     grid = []
@@ -80,7 +83,7 @@ def parse_grid(items) -> tuple[tuple[str, tuple], ...] | None:
         if name not in TUNABLE or not values:
             raise SystemExit(f"grid entry {item!r}: expected NAME=V1,V2 with NAME one of "
                              f"{', '.join(TUNABLE)}")
-        cast = int if name in ("gamma", "num_steps") else float
+        cast = int if name in ("project_every", "num_steps") else float
         grid.append((name, tuple(cast(v) for v in values.split(","))))
     return tuple(grid)
 
@@ -91,7 +94,8 @@ def current_value(config, name: str):
 
 class Evaluator:
     """Scores settings of one solver on the validation images; caches by settings, and with
-    a :class:`benchmarks.quality.Journal` records each finished evaluation and starts from the journal's."""
+    a :class:`benchmarks.quality.Journal` records each finished evaluation and starts from the
+    journal's. Points of one solver structure are evaluated together, as one settings sweep."""
 
     def __init__(self, model, cfg: TuneConfig, seed: int, log=print,
                  journal: quality.Journal | None = None):
@@ -110,30 +114,60 @@ class Evaluator:
         self.records: list[dict] = journal.load() if journal is not None else []
         self.swept: list[dict] = []   # this sweep's evaluations, each once, in call order
 
-    def __call__(self, solver: str, base, settings: dict) -> float:
-        config = resolve(base, settings)
-        for r in self.records:  # same solver config, however the settings spell it
-            if r["solver"] == solver and resolve(base, r["settings"]) == config:
-                self._swept(r, settings)
-                return float("nan") if r["objective"] is None else r["objective"]
-        per_task, start, programs = {}, time.perf_counter(), compiled_programs()
+    def __call__(self, solver: str, base, points: list[dict]) -> list[float]:
+        """The objective of each point (settings dict) of ``solver`` from ``base``."""
+        configs = [resolve(base, settings) for settings in points]
+        todo: dict = {}  # structure -> {config not yet evaluated: its settings as asked}
+        for settings, config in zip(points, configs):
+            if self._known(solver, base, config) is None:
+                todo.setdefault(split(config)[0], {}).setdefault(config, settings)
+        for group in todo.values():
+            self._run(solver, list(group.values()), list(group))
+        found = [self._known(solver, base, c) for c in configs]
+        for record, settings in zip(found, points):
+            self._swept(record, settings)
+        return [float("nan") if r["objective"] is None else r["objective"] for r in found]
+
+    def _known(self, solver, base, config):
+        """The recorded evaluation of ``config`` (however its settings are spelt), or None."""
+        for r in self.records:
+            try:
+                if r["solver"] == solver and resolve(base, r["settings"]) == config:
+                    return r
+            except P2LError:  # a record of an option this version no longer has
+                continue
+        return None
+
+    def _run(self, solver: str, points: list[dict], configs: list) -> list[dict]:
+        """Evaluate configs of one structure as one sweep per task and batch of images."""
+        start, programs, P = time.perf_counter(), compiled_programs(), len(configs)
+        batch = min(self.cfg.batch_size, self.cfg.n)
+        per_task = [{} for _ in configs]
         for task, op in self.ops.items():
-            images, _, _ = restore(self.model, op, self.ys[task], self.keys, config, self.C0,
-                                   min(self.cfg.batch_size, self.cfg.n))
-            scores = quality.score_images(images, self.truth, op, self.ys[task], self.captions)
-            per_task[task] = quality.interval(scores[self.cfg.metric])
-        means = [c["mean"] for c in per_task.values() if c["mean"] is not None]
-        objective = float(np.mean(means)) if means else float("nan")
-        record = {"solver": solver, "settings": dict(settings), "per_task": per_task,
-                  "objective": objective, "seconds": time.perf_counter() - start,
-                  "programs_compiled": compiled_programs() - programs}
-        self.records.append(record)
-        self._swept(record, settings)
-        if self.journal is not None:
-            self.journal.append(record)
-        jax.clear_caches()
-        self.log(f"{solver} {settings}: {self.cfg.metric} {objective:.4f}")
-        return objective
+            def fn(yb, kb, cb):
+                out = sweep_configs(self.model, op, yb, kb, configs, embedding=cb)
+                return jnp.moveaxis(out.images, 0, 1)   # (B, P, ...): batch-leading
+
+            images, _ = quality.run_batched(fn, self.cfg.n, batch, self.ys[task], self.keys,
+                                            self.C0)
+            for p in range(P):
+                scores = quality.score_images(images[:, p], self.truth, op, self.ys[task],
+                                              self.captions)
+                per_task[p][task] = quality.interval(scores[self.cfg.metric])
+        seconds, compiled = time.perf_counter() - start, compiled_programs() - programs
+        records = []
+        for settings, tasks in zip(points, per_task):
+            means = [c["mean"] for c in tasks.values() if c["mean"] is not None]
+            objective = float(np.mean(means)) if means else float("nan")
+            record = {"solver": solver, "settings": dict(settings), "per_task": tasks,
+                      "objective": objective, "seconds": seconds / P, "sweep_points": P,
+                      "programs_compiled": compiled}
+            self.records.append(record)
+            if self.journal is not None:
+                self.journal.append(record)
+            self.log(f"{solver} {settings}: {self.cfg.metric} {objective:.4f}")
+            records.append(record)
+        return records
 
     def _swept(self, record: dict, settings: dict) -> None:
         """Note ``record`` as one of this sweep's evaluations, spelt as the sweep asked."""
@@ -142,12 +176,14 @@ class Evaluator:
             self.swept.append(entry)
 
 
-def sweep(evaluate: Evaluator, solver: str, base, grid, lower_is_better: bool) -> dict:
-    """Coordinate sweep (module docstring); returns the best settings."""
+def sweep(evaluate, solver: str, base, grid, lower_is_better: bool) -> dict:
+    """Coordinate sweep (module docstring); ``evaluate(solver, base, points)`` scores a list
+    of settings dicts (one axis's values) at once. Returns the best settings."""
     best = {name: current_value(base, name) for name, _ in grid}
     sign = -1.0 if lower_is_better else 1.0
     for name, values in grid:
-        scored = [(sign * evaluate(solver, base, {**best, name: v}), v) for v in values]
+        objectives = evaluate(solver, base, [{**best, name: v} for v in values])
+        scored = [(sign * o, v) for o, v in zip(objectives, values)]
         finite = [(s, v) for s, v in scored if np.isfinite(s)]
         if finite:
             best[name] = max(finite, key=lambda sv: sv[0])[1]
@@ -185,7 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--metric", default=None, choices=("psnr", "ssim", "lpips"))
     p.add_argument("--p2l-grid", nargs="*", default=None, metavar="NAME=V1,V2",
-                   help="replace P2L's sweep axes, e.g. rho=0.3,1 gamma=4,8")
+                   help="replace P2L's sweep axes, e.g. rho=0.3,1 project_every=4,8")
     p.add_argument("--ldps-grid", nargs="*", default=None, metavar="NAME=V1,V2",
                    help="replace LDPS's sweep axes (none given: no LDPS sweep)")
     args = p.parse_args(argv)

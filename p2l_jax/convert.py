@@ -32,6 +32,7 @@ from flax import nnx
 
 from p2l_jax.errors import P2LError
 from p2l_jax.imageio import current_umask
+from p2l_jax.layout import CONVERTED_MARKER, NETWORKS
 
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
@@ -101,8 +102,6 @@ def files_to_copy(source: str | Path) -> list[tuple[Path, Path]]:
 def save_converted(model, output: str | Path) -> Path:
     """Write ``model`` (a loaded LatentDiffusionModel) as a converted directory at ``output``."""
     import orbax.checkpoint as ocp
-
-    from p2l_jax.model import CONVERTED_MARKER
 
     output = Path(output).resolve()
     source = Path(model.path)

@@ -30,12 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from p2l_jax.convert import restore_params
 from p2l_jax.errors import P2LError
+from p2l_jax.layout import COMPONENTS, CONVERTED_MARKER
 from p2l_jax.schedule import ScheduleConfig, model_output_to_eps
-
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-NETWORKS = ("unet", "vae", "text_encoder")
-CONVERTED_MARKER = "p2l_jax_converted.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -269,8 +267,6 @@ def load_model(path: str | Path | None = None, dtype: str = "float32", *, attent
     configs = network_configs(path)
     abstract = abstract_networks(configs, jdtype, attention)
     if (path / CONVERTED_MARKER).is_file():
-        from p2l_jax.convert import restore_params
-
         params = restore_params(path, {k: s for k, (_, s) in abstract.items()}, jdtype)
     else:
         from p2l_jax.weights import read_component_tensors, state_from_torch

@@ -36,7 +36,12 @@ import numpy as np
 
 from p2l_jax import metrics
 from p2l_jax.errors import P2LError
+from p2l_jax.model import load_model
+from p2l_jax.operators import noise_key
 from p2l_jax.parallel import image_keys, shard_batch
+from p2l_jax.solvers import program
+from p2l_jax.solvers.driver import prepare
+from p2l_jax.solvers.resumable import Programs, run, run_identity
 
 
 #: Batch layouts run so far in this process (to flag timings that include compilation).
@@ -57,47 +62,37 @@ def config_record(config) -> dict[str, Any]:
     return {"solver": type(config).__name__, **fields}
 
 
-def _restore_shard(batch, model, operator, config, latent_size):
-    """Per-device body: ``solve`` on the shard, each image with its own key (the solver's
-    per-sample randomness makes image i independent of the rest of its shard)."""
-    from p2l_jax.solvers import solve
+# Per-device bodies of the solver's programs (p2l_jax.solvers.program): the whole run, and
+# start / advance k steps / finish for the chunked runner. ``inputs`` = (C0, C_neg, settings)
+# are replicated arrays, ``structure`` is static; every image is solved with its own key, so
+# image i is independent of the rest of its shard. The carry is batch-leading, so it travels
+# through the sharded calls like the images (padding rows copy a real image's).
+def _whole_shard(batch, model, operator, inputs, structure, latent_shape):
+    return _outputs(program.run_whole(model, operator, batch["y"], batch["key"], *inputs,
+                                      structure=structure, latent_shape=latent_shape))
 
-    result = solve(model, operator, batch["y"], batch["key"], config, latent_size=latent_size)
-    return _outputs(result, operator, batch["y"])
+
+def _start_shard(batch, model, operator, inputs, structure, latent_shape, k):
+    return program.start(model, operator, batch["y"], batch["key"], *inputs,
+                         structure=structure, latent_shape=latent_shape, k=k)
 
 
-def _outputs(result, operator, y):
+def _advance_shard(batch, model, operator, inputs, structure, k, first):
+    _, C_neg, settings = inputs
+    return program.advance(model, operator, batch["y"], batch["key"], C_neg, settings,
+                           batch["carry"], first, structure=structure, k=k)
+
+
+def _finish_shard(batch, model, operator, inputs, structure):
+    return _outputs(program.finish(model, operator, batch["y"], batch["carry"],
+                                   structure=structure))
+
+
+def _outputs(result):
     return {"images": result.images, "residual": result.residual,
-            "residual_final": metrics.measurement_residual(operator, result.images, y)}
+            "residual_final": result.residual_final}
 
 
-# Chunked mode (p2l_jax.solvers.resumable): the same run as _restore_shard, as per-device
-# bodies of its start / advance-k-steps / finish programs. The carry is batch-leading, so it
-# travels through the sharded calls like the images (padding rows copy a real image's).
-def _start_shard(batch, model, operator, config, latent_size, k):
-    from p2l_jax.solvers import driver, resumable
-
-    p = driver.prepare(model, operator, batch["y"], batch["key"], config, latent_size=latent_size)
-    return resumable.start_carry(model, operator, p.y, p.keys, p.C0, p.C_neg, config,
-                                 p.latent_shape, k)
-
-
-def _advance_shard(batch, model, operator, config, latent_size, k, start):
-    from p2l_jax.solvers import driver, resumable
-
-    p = driver.prepare(model, operator, batch["y"], batch["key"], config, latent_size=latent_size)
-    return resumable.advance_carry(model, operator, p.y, p.keys, p.C_neg, batch["carry"], start,
-                                   config, k)
-
-
-def _finish_shard(batch, model, operator, config):
-    from p2l_jax.solvers import resumable
-
-    result = resumable.finish_carry(model, batch["carry"], config.num_steps)
-    return _outputs(result, operator, batch["y"])
-
-
-@jax.jit
 @jax.jit
 def measure_each(operator, x, keys, sigma):
     """``y_i = A x_i + sigma n_i`` with each image's own noise key ``keys[i]``."""
@@ -120,21 +115,19 @@ class P2LPipeline:
         self.model = model
         self.parallel = parallel
         self.lpips_net = lpips_net
-        self._run = shard_batch(_restore_shard, mode=parallel, devices=devices)
-        self._chunked = [shard_batch(f, mode=parallel, devices=devices)
-                         for f in (_start_shard, _advance_shard, _finish_shard)]
+        self._whole, self._start, self._advance, self._finish = (
+            shard_batch(f, mode=parallel, devices=devices)
+            for f in (_whole_shard, _start_shard, _advance_shard, _finish_shard))
 
     @classmethod
     def from_pretrained(cls, path=None, dtype: str = "float32", *, parallel: str = "shard_map",
                         devices=None, allow_pickle: bool = False) -> P2LPipeline:
         """Load ``path`` (diffusers layout; ``None`` = the embedded default model)."""
-        from p2l_jax.model import load_model
-
         return cls(load_model(path, dtype, allow_pickle=allow_pickle), parallel, devices)
 
     @property
     def num_devices(self) -> int:
-        return self._run.num_devices
+        return self._whole.num_devices
 
     @property
     def size_multiple(self) -> int:
@@ -164,10 +157,10 @@ class P2LPipeline:
         ``pad_to``: pad a short batch to this size (padding dropped) to reuse its program.
         ``chunk_steps``, ``on_chunk``, ``checkpoint``, ``checkpoint_every``: run the sampler
         in chunks with progress and an in-flight checkpoint, as
-        :func:`p2l_jax.solvers.solve` does (:mod:`p2l_jax.solvers.resumable`); the checkpoint
-        folder is left in place for the caller to delete once the outputs are safe."""
-        from p2l_jax.operators import noise_key
-
+        :func:`p2l_jax.solvers.solve` does (the one runner, :mod:`p2l_jax.solvers.resumable`);
+        the checkpoint folder is left in place for the caller to delete once the outputs are
+        safe. The config's settings are arrays of the program: another rho, lam, ... reuses
+        the compiled program of its structure."""
         if (images is None) == (measurements is None):
             raise P2LError("give exactly one of images= or measurements=")
         identities = list(identities)
@@ -198,16 +191,26 @@ class P2LPipeline:
             bad = [s for s, ok in zip(identities, finite) if not ok]
             raise P2LError(f"measurement of {bad[0]} contains NaN or inf")
         keys = image_keys(seed, identities)
-        shape_key = (max(y.shape[0], pad_to or 0), y.shape[1:], config, self.parallel,
+        p = prepare(self.model, operator, y, keys, config, latent_size=latent_size)
+        shape_key = (max(y.shape[0], pad_to or 0), y.shape[1:], p.structure, self.parallel,
                      jax.tree.structure(operator), id(self.model), chunk_steps)
         compiled_now = shape_key not in _SEEN_PROGRAMS
         start = time.perf_counter()
-        batch = {"y": y, "key": keys}
-        if chunk_steps is None and checkpoint is None and on_chunk is None:
-            out = self._run(batch, self.model, operator, config, latent_size, pad_to=pad_to)
-        else:
-            out = self._run_chunked(batch, operator, config, latent_size, pad_to, chunk_steps,
-                                    on_chunk, checkpoint, checkpoint_every)
+        batch = {"y": p.y, "key": p.keys}
+        shared = (self.model, operator, (p.C0, p.C_neg, p.settings), p.structure)
+        # pmap refuses a carry left sharded over the mesh by its previous call: via the host
+        host = jax.device_get if self.parallel == "pmap" else (lambda carry: carry)
+        with_carry = lambda carry: {**batch, "carry": host(carry)}
+        programs = Programs(
+            whole=lambda: self._whole(batch, *shared, p.latent_shape, pad_to=pad_to),
+            start=lambda k: self._start(batch, *shared, p.latent_shape, k, pad_to=pad_to),
+            advance=lambda carry, first, k: self._advance(with_carry(carry), *shared, k, first,
+                                                          pad_to=pad_to),
+            finish=lambda carry: self._finish(with_carry(carry), *shared, pad_to=pad_to))
+        out = run(programs, config.num_steps, chunk_steps=chunk_steps, on_chunk=on_chunk,
+                  checkpoint=checkpoint, checkpoint_every=checkpoint_every, keep_checkpoint=True,
+                  identity=run_identity(self.model, operator, config, p.latent_shape, p.y,
+                                        p.keys))
         out = jax.block_until_ready(out)
         seconds = time.perf_counter() - start
         _SEEN_PROGRAMS.add(shape_key)
@@ -237,32 +240,6 @@ class P2LPipeline:
                             {"psnr": None, "ssim": None, "lpips": None}),
             })
         return PipelineOutput(restored, np.asarray(y), records)
-
-    def _run_chunked(self, batch, operator, config, latent_size, pad_to, chunk_steps, on_chunk,
-                     checkpoint, checkpoint_every):
-        from p2l_jax.solvers import resumable
-
-        k, every = resumable.check_chunking(config.num_steps, chunk_steps, checkpoint_every)
-        start, advance, finish = self._chunked
-        shared = (self.model, operator, config)
-        # pmap refuses a carry left sharded over the mesh by its previous call: via the host
-        host = jax.device_get if self.parallel == "pmap" else (lambda carry: carry)
-        run = lambda fn, carry, *extra: fn({**batch, "carry": host(carry)}, *shared, *extra,
-                                           pad_to=pad_to)
-        store = None
-        if checkpoint is not None:
-            latent_shape = tuple(latent_size) + (self.model.latent_channels,)
-            store = resumable.InflightStore(checkpoint, resumable.run_fingerprint(
-                self.model, operator, config, k, latent_shape, batch["y"], batch["key"]))
-        try:
-            return resumable.run_chunks(
-                lambda: start(batch, *shared, latent_size, k, pad_to=pad_to),
-                lambda carry, i: run(advance, carry, latent_size, k, i),
-                lambda carry: run(finish, carry), num_steps=config.num_steps, chunk_steps=k,
-                on_chunk=on_chunk, store=store, checkpoint_every=every)
-        finally:
-            if store is not None:
-                store.close()
 
 
 def _finite(v) -> float | None:

@@ -30,7 +30,7 @@ def main(model_dir: str, steps: int = 20, rounds: int = 5) -> None:
     op = Inpainting(mask)
     x = np.random.RandomState(0).uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
     y = op.forward(jnp.asarray(x))
-    config = P2LConfig(num_steps=steps, eta=0.5, gamma=2,
+    config = P2LConfig(num_steps=steps, eta=0.5, project_every=2,
                        optimizer=OptimizerConfig(learning_rate=1e-2))
     k = max(steps // 4, 1)
     progress = lambda done, n: None

@@ -116,8 +116,9 @@ def test_p2l_step_and_solve_compile_only_fast_convolutions():
     import p2l_jax
     from p2l_jax.operators import make_operator
     from p2l_jax.solvers import P2LConfig
-    from p2l_jax.solvers.driver import (SOLVERS, initial_state, make_problem, prepare,
-                                        schedule_inputs, solve_prepared)
+    from p2l_jax.solvers.driver import prepare
+    from p2l_jax.solvers.program import initial_state, make_problem, solve_prepared, step_inputs
+    from p2l_jax.solvers.registry import solver_of
 
     assert jax.default_backend() == "cpu"  # tests/conftest.py pins JAX_PLATFORMS=cpu
     model = p2l_jax.load_model()
@@ -125,14 +126,17 @@ def test_p2l_step_and_solve_compile_only_fast_convolutions():
     y = jnp.zeros((1, 64, 64, 3))
     config = P2LConfig(num_steps=2)
     p = prepare(model, op, y, jax.random.key(0), config)
+    structure, settings = p.structure, p.settings
 
-    def step(model, op, y, keys, C0, inp):
-        problem = make_problem(model, op, y, keys, config)
-        return SOLVERS[P2LConfig](problem, initial_state(problem, C0, p.latent_shape), inp)
+    def step(model, op, y, keys, C0, settings, inp):
+        problem = make_problem(model, op, y, keys, structure, settings)
+        return solver_of(P2LConfig).step(problem, initial_state(problem, C0, p.latent_shape), inp)
 
-    inp = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), schedule_inputs(model, config))
-    step_hlo = jax.jit(step).lower(model, op, p.y, p.keys, p.C0, inp).compile().as_text()
-    solve_hlo = solve_prepared.lower(model, op, p.y, p.keys, p.C0, p.C_neg, config=config,
+    inp = jax.tree_util.tree_map(lambda a: a[0], step_inputs(model, structure, settings, 1))
+    step_hlo = jax.jit(step).lower(model, op, p.y, p.keys, p.C0, settings,
+                                   inp).compile().as_text()
+    solve_hlo = solve_prepared.lower(model, op, p.y, p.keys, p.C0, p.C_neg, settings,
+                                     structure=structure,
                                      latent_shape=p.latent_shape).compile().as_text()
     for name, hlo in (("step", step_hlo), ("solve", solve_hlo)):
         assert hlo.count("convolution(") > 20, name  # the networks' convs are there

@@ -366,12 +366,13 @@ def test_set_overrides_solver_config_fields():
         return solver_config(argparse.Namespace(solver=solver, steps=7, prompt=None,
                                                 overrides=list(overrides)))
 
-    c = config("rho=0.5", "gamma=4", "optimizer.learning_rate=1e-3", "tune_prompt=false")
-    assert (c.num_steps, c.rho, c.gamma, c.optimizer.learning_rate, c.tune_prompt) == (
+    c = config("rho=0.5", "project_every=4", "optimizer.learning_rate=1e-3", "tune_prompt=false")
+    assert (c.num_steps, c.rho, c.project_every, c.optimizer.learning_rate, c.tune_prompt) == (
         7, 0.5, 4, 1e-3, False)
     assert config("omega=0.1", solver="psld").omega == 0.1
     for bad, message in [("foo=1", "not an option of --solver p2l"), ("rho=abc", "expected float"),
-                         ("gamma", "expected FIELD=VALUE"), ("gamma=0", "gamma"),
+                         ("lam", "expected FIELD=VALUE"), ("project_every=0", "project_every"),
+                         ("gamma=4", "not an option of --solver p2l"),
                          ("rho.x=1", "no sub-options")]:
         with pytest.raises(P2LError, match=message):
             config(bad)

@@ -1,4 +1,4 @@
-"""Chunked, resumable sampling (p2l_jax.solvers.resumable) on the tiny SD 1.x checkpoint:
+"""The one runner, chunked and resumable (p2l_jax.solvers.resumable) on the tiny SD 1.x checkpoint:
 chunked == one scan, progress, one compiled advance program, kill-and-resume from an orbax
 checkpoint, mismatching checkpoints ignored, option errors.
 
@@ -17,7 +17,7 @@ import pytest
 
 import p2l_jax
 from p2l_jax.errors import P2LError
-from p2l_jax.solvers import DDIMConfig, resumable, solve
+from p2l_jax.solvers import DDIMConfig, program, resumable, solve
 from p2l_jax.solvers.common import State
 
 DDIM = DDIMConfig(num_steps=5, eta=0.5)
@@ -48,16 +48,16 @@ class Killed(Exception):
 
 def test_chunked_equals_one_scan_with_progress_and_one_program(run):
     args, one_scan = run
-    before = resumable.compiled_programs()
+    before = program.compiled_programs()
     calls = []
     chunked = solve(*args, chunk_steps=K, on_chunk=lambda done, n: calls.append((done, n)))
     assert calls == [(2, 5), (4, 5), (5, 5)]
     _assert_same(chunked, one_scan)
     # start, advance (all three chunks, padded one included) and finish: one program each
-    compiled = resumable.compiled_programs()
+    compiled = program.compiled_programs()
     assert compiled - before <= 3
     other = solve(*_other_keys(args), chunk_steps=K)
-    assert resumable.compiled_programs() == compiled
+    assert program.compiled_programs() == compiled
     assert np.abs(np.asarray(other.images) - np.asarray(one_scan.images)).max() > 1e-3
 
 
@@ -75,14 +75,14 @@ def test_kill_and_resume_runs_only_the_remaining_chunks(run, tmp_path, capsys, m
     ck = tmp_path / "inflight"
     _kill_after_first_chunk(args, ck)
     advanced, calls = [], []
-    real = resumable._advance
-    monkeypatch.setattr(resumable, "_advance",
+    real = program.jit_advance
+    monkeypatch.setattr(program, "jit_advance",
                         lambda *a, **kw: advanced.append(1) or real(*a, **kw))
-    compiled = resumable.compiled_programs()
+    compiled = program.compiled_programs()
     resumed = solve(*args, chunk_steps=K, on_chunk=lambda d, n: calls.append(d), checkpoint=ck)
     assert "resuming in-flight sampler state at step 2" in capsys.readouterr().err
     assert calls == [4, 5] and len(advanced) == 2
-    assert resumable.compiled_programs() == compiled  # the restored carry reuses the programs
+    assert program.compiled_programs() == compiled  # the restored carry reuses the programs
     _assert_same(resumed, one_scan)
     assert not [p for p in ck.iterdir() if p.name.isdigit()]  # finished: checkpoint cleared
 
@@ -119,7 +119,7 @@ def test_store_round_trip_of_a_p2l_carry(tmp_path):
     opt = jax.vmap(optax.adam(1e-2).init)(C)
     opt = jax.tree_util.tree_map(lambda a: a + 3 if a.dtype == jnp.int32 else a + 0.5, opt)
     z = jnp.asarray(rs.randn(2, 8, 8, 4), jnp.float32)
-    carry = resumable.Carry(State(z, C, opt, z * 2), jnp.asarray(rs.randn(2, 6), jnp.float32),
+    carry = program.Carry(State(z, C, opt), jnp.asarray(rs.randn(2, 6), jnp.float32),
                             jnp.full((2, 6), jnp.nan))
     resumable.InflightStore(tmp_path / "c", "run-a").save(carry, 4)
     like = jax.tree_util.tree_map(jnp.zeros_like, carry)

@@ -23,8 +23,8 @@ diffusers = pytest.importorskip("diffusers")
 import torch_reference as ref  # noqa: E402
 
 STEPS = 5
-# gamma 2: projections at steps 1 and 3; lr 1e-2 so tuning moves C visibly within 5 steps
-P2L = P2LConfig(num_steps=STEPS, eta=0.5, gamma=2, optimizer=OptimizerConfig(learning_rate=1e-2))
+# project_every 2: projections at steps 1 and 3; lr 1e-2 so tuning moves C visibly within 5 steps
+P2L = P2LConfig(num_steps=STEPS, eta=0.5, project_every=2, optimizer=OptimizerConfig(learning_rate=1e-2))
 LDPS = LDPSConfig(num_steps=STEPS)
 
 
@@ -227,7 +227,8 @@ def test_ddim_sampling_with_guidance_matches_torch(setup):
 
 @pytest.mark.parametrize("bad, option", [
     (dict(projection="gluing"), "projection"), (dict(gradient="adjoint"), "gradient"),
-    (dict(rho=(1.0, 2.0)), "rho"), (dict(K=0), "K"), (dict(gamma=0), "gamma"),
+    (dict(rho=(1.0, 2.0)), "rho"), (dict(K=0), "K"),
+    (dict(project_every=0), "project_every"), (dict(gamma=2), "project_every"),
     (dict(eta=2.0), "eta"), (dict(gradient="joint", K=2), "K"),
     (dict(optimizer="adam"), "optimizer"),
 ])

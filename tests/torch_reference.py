@@ -95,8 +95,8 @@ def guided_step_reference(unet, vae, scheduler, z, t, C, opt, y, A, *, tune, K, 
     return out
 
 
-def _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, *, tune, K, projection, gamma, lam,
-         lr=None, b1=0.9, b2=0.999, adam_eps=1e-8):
+def _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, *, tune, K, projection, project_every,
+         lam, lr=None, b1=0.9, b2=0.999, adam_eps=1e-8):
     N = cfg.num_steps
     scheduler.set_timesteps(N)
     B = z_T.shape[0]
@@ -107,7 +107,7 @@ def _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, *, tune, K, projectio
     residuals, prompt_losses = [], []
     for i, t in enumerate(scheduler.timesteps):
         t = int(t)
-        project = projection != "none" and (i + 1) % gamma == 0
+        project = projection != "none" and (i + 1) % project_every == 0
         s = guided_step_reference(unet, vae, scheduler, z, t, C, opt, y, A, tune=tune, K=K,
                                   project=project, lam=lam, projection=projection)
         with torch.no_grad():
@@ -124,11 +124,12 @@ def p2l_reference(unet, vae, scheduler, C0, y, A, z_T, noises, cfg):
     """P2L with Adam prompt tuning (cfg.optimizer must be an OptimizerConfig named adam)."""
     o = cfg.optimizer
     return _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, tune=cfg.tune_prompt, K=cfg.K,
-                projection=cfg.projection, gamma=cfg.gamma, lam=cfg.lam, lr=o.learning_rate,
+                projection=cfg.projection, project_every=cfg.project_every, lam=cfg.lam,
+                lr=o.learning_rate,
                 b1=o.b1, b2=o.b2, adam_eps=o.eps)
 
 
 def ldps_reference(unet, vae, scheduler, C0, y, A, z_T, noises, cfg):
     """Latent DPS: no tuning, no projection."""
     return _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, tune=False, K=1,
-                projection="none", gamma=1, lam=1.0)
+                projection="none", project_every=1, lam=1.0)

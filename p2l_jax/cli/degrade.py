@@ -40,26 +40,45 @@ from p2l_jax.operators.noise import stem_hash
 DEFAULT_SIGMA = 0.05
 
 
-def add_task_options(p) -> None:
-    """The operator options shared by ``degrade`` and ``restore`` (DPS / PSLD defaults)."""
+#: Help of each TaskOptions field's flag (``--kernel-size`` for ``kernel_size``). Flags, the
+#: TaskOptions a command builds and restore's run fingerprint all come from the dataclass's
+#: fields, so a new task option needs a line here and nothing else (a missing line fails at
+#: import time).
+TASK_OPTION_HELP = {
+    "scale": "sr: down-sampling factor (%(default)s)",
+    "kernel_size": "blur kernel size in pixels (%(default)s; 121 at 512 px)",
+    "blur_sigma": "gaussian-blur: kernel standard deviation in pixels (%(default)s)",
+    "intensity": "motion-blur: trajectory intensity in [0, 1] (%(default)s)",
+    "box_size": "inpaint-box: hole side in pixels (default: half the shorter side, 128 at "
+                "256 px)",
+    "fraction": "inpaint-random: fraction of pixels missing (%(default)s)",
+    "seed": "seed of the noise and of random kernels/masks (%(default)s)",
+}
+_FIELDS = dataclasses.fields(TaskOptions)
+if {f.name for f in _FIELDS} != set(TASK_OPTION_HELP):
+    raise RuntimeError("TASK_OPTION_HELP must name every TaskOptions field exactly once")
+
+
+def add_task_options(p, seed: bool = True) -> None:
+    """The operator options shared by ``degrade`` and ``restore`` (DPS / PSLD defaults): one
+    flag per :class:`TaskOptions` field, typed by the field's default. ``seed=False`` leaves
+    ``--seed`` to the command (restore's run seed, which also seeds kernels and masks)."""
     d = TaskOptions()
-    p.add_argument("--scale", type=int, default=d.scale,
-                   help="sr: down-sampling factor (%(default)s)")
-    p.add_argument("--kernel-size", type=int, default=d.kernel_size,
-                   help="blur kernel size in pixels (%(default)s; 121 at 512 px)")
-    p.add_argument("--blur-sigma", type=float, default=d.blur_sigma,
-                   help="gaussian-blur: kernel standard deviation in pixels (%(default)s)")
-    p.add_argument("--intensity", type=float, default=d.intensity,
-                   help="motion-blur: trajectory intensity in [0, 1] (%(default)s)")
-    p.add_argument("--box-size", type=int, default=d.box_size,
-                   help="inpaint-box: hole side in pixels (default: half the shorter side, "
-                        "128 at 256 px)")
-    p.add_argument("--fraction", type=float, default=d.fraction,
-                   help="inpaint-random: fraction of pixels missing (%(default)s)")
+    for f in _FIELDS:
+        if f.name == "seed" and not seed:
+            continue
+        default = getattr(d, f.name)
+        kind = int if f.name == "box_size" else type(default)  # box_size: int or None
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                       help=TASK_OPTION_HELP[f.name])
+
+
+def task_options(args) -> TaskOptions:
+    """The TaskOptions of parsed arguments (every field from its flag)."""
+    return TaskOptions(**{f.name: getattr(args, f.name) for f in _FIELDS})
 
 
 def register(subparsers) -> None:
-    d = TaskOptions()
     p = subparsers.add_parser(
         "degrade", help="simulate noisy measurements of images (y = A x + sigma n)",
         description=__doc__.split("\n\n")[0])
@@ -67,8 +86,6 @@ def register(subparsers) -> None:
     add_task_options(p)
     p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA,
                    help="measurement noise std on the [-1, 1] scale (%(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of the noise and of random kernels/masks (%(default)s)")
     p.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH",
                    help="images (PNG, JPEG, ... or .npy float in [-1, 1])")
     p.add_argument("--output", required=True, type=Path, metavar="DIR",
@@ -106,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
         raise P2LError(f"--sigma must be a finite number >= 0, got {args.sigma}")
     if args.task not in TASKS:
         raise P2LError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
-    options = TaskOptions(scale=args.scale, kernel_size=args.kernel_size,
-                          blur_sigma=args.blur_sigma, intensity=args.intensity,
-                          box_size=args.box_size, fraction=args.fraction, seed=args.seed)
+    options = task_options(args)
     operators = _check_inputs(args, options)
     names = [f"{path.stem}.{ext}" for path in args.input for ext in ("png", "npy", "json")]
     output_folder.check_targets(args.output, names, args.input)

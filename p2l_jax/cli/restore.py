@@ -67,19 +67,18 @@ import numpy as np
 
 from p2l_jax import imageio
 from p2l_jax.cli import output_folder
+from p2l_jax.cli.degrade import add_task_options, task_options
 from p2l_jax.cli.inputs import Item, collect_inputs
-from p2l_jax.cli.solver_options import SOLVERS, default_steps_help, solver_config
+from p2l_jax.cli.solver_options import PRESETS, SOLVERS, default_steps_help, solver_config
 from p2l_jax.errors import P2LError
 
 DEFAULT_SIGMA = 0.05
 
 
 def register(subparsers) -> None:
-    from p2l_jax.cli.degrade import add_task_options
-
     p = subparsers.add_parser("restore", help="restore images (P2L or a baseline) on all devices",
                               description=__doc__.split("\n\n")[0])
-    add_task_options(p)  # the operator options are degrade's, defined once there
+    add_task_options(p, seed=False)  # degrade's operator options; --seed is below
     p.add_argument("--task", help="degradation task (required unless inputs are degrade outputs)")
     p.add_argument("--solver", default="p2l", help=f"one of: {', '.join(SOLVERS)} (%(default)s)")
     p.add_argument("--steps", type=int, default=None, help=default_steps_help())
@@ -98,8 +97,12 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per batch (default: one per local device)")
     p.add_argument("--prompt", default=None, help="text prompt (default: the solver's, \"\")")
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="solver settings: 'default' (this project's, tuned on the embedded "
+                        "model) or 'paper' (P2L's paper settings: 1000 steps, projection every "
+                        "8 steps with lambda 1, Adam 1e-4); --steps and --set apply on top")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
-                   help="override a solver config field, e.g. --set rho=0.5 --set gamma=4 "
+                   help="override a solver config field, e.g. --set rho=0.5 --set project_every=4 "
                         "--set gradient=joint --set optimizer.learning_rate=1e-3 (repeatable)")
     p.add_argument("--progress-every", type=int, default=None, metavar="K",
                    help="print timestep progress every K steps inside a batch (default: "
@@ -152,11 +155,9 @@ class Job:
 
 def plan_jobs(items: list[Item], args) -> list[Job]:
     """Read and check every item (readable, finite, operator fits); write nothing."""
-    from p2l_jax.operators import TaskOptions, from_dict, make_operator
+    from p2l_jax.operators import from_dict, make_operator
 
-    options = TaskOptions(scale=args.scale, kernel_size=args.kernel_size,
-                          blur_sigma=args.blur_sigma, intensity=args.intensity,
-                          box_size=args.box_size, fraction=args.fraction, seed=args.seed)
+    options = task_options(args)
     operators: dict = {}
     jobs = []
     for item in items:
@@ -208,9 +209,8 @@ def _fingerprint(args, config) -> str:
     settings = {"config": config_record(config), "seed": args.seed, "simulate": args.simulate,
                 "sigma": args.sigma if args.simulate else None, "task": args.task,
                 "model": str(args.model.resolve()) if args.model else "embedded",
-                "dtype": args.dtype, "task_options": [args.scale, args.kernel_size,
-                                                      args.blur_sigma, args.intensity,
-                                                      args.box_size, args.fraction]}
+                "dtype": args.dtype,
+                "task_options": dataclasses.asdict(task_options(args))}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -5,9 +5,11 @@ A solver is one function with the signature (k-diffusion style)::
 
     step(problem: Problem, state: State, inp: StepInput) -> (State, StepRecord)
 
-run by the single ``lax.scan`` of :mod:`p2l_jax.solvers.driver`. Tweedie and the DDIM update
-live in :mod:`p2l_jax.schedule`; the data fidelity r, the prompt update, the projection and
-the DDIM transition with the latent gradient step live here, once.
+run by the single ``lax.scan`` of :mod:`p2l_jax.solvers.program`. A step reads the program's
+shape from ``problem.structure`` (static) and every number from ``problem.settings`` (arrays;
+see :func:`p2l_jax.solvers.configs.split`). Tweedie and the DDIM update live in
+:mod:`p2l_jax.schedule`; the data fidelity r, the prompt update, the projection and the DDIM
+transition with the latent gradient step live here, once.
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from p2l_jax.schedule import ddim_update, eps_from_x0
+from p2l_jax.schedule import ddim_update, eps_from_x0, tweedie
 
 
 class Problem(NamedTuple):
     """Everything a step needs that does not change across steps (built inside the jit).
 
     ``eps(z, t, C)`` and ``decode(z)`` are the model's networks, rematerialized when the
-    config asks; ``keys`` are the per-sample PRNG keys (B,); ``y`` the measurement.
+    structure asks; ``keys`` are the per-sample PRNG keys (B,); ``y`` the measurement;
+    ``structure`` the static :class:`~p2l_jax.solvers.configs.Structure`, ``settings`` the
+    numbers (a dict of arrays); ``optimizer`` built from them.
     """
 
     model: Any
     operator: Any
     y: jax.Array | None
     keys: jax.Array
-    config: Any
+    structure: Any
+    settings: dict
     optimizer: optax.GradientTransformation | None
     eps: Callable
     decode: Callable
@@ -40,12 +45,11 @@ class Problem(NamedTuple):
 
 
 class State(NamedTuple):
-    """The scan carry: z_t (B, h, w, c), C (B, 77, d), optimizer state S, last z0hat."""
+    """The scan carry: z_t (B, h, w, c), C (B, 77, d), optimizer state S."""
 
     z: jax.Array
     C: jax.Array
     opt_state: Any
-    z0hat: jax.Array
 
 
 class StepInput(NamedTuple):
@@ -83,7 +87,7 @@ def initial_latents(keys: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array
 
 
 def step_noise(keys: jax.Array, index, latent_shape: tuple[int, ...]) -> jax.Array:
-    """The DDIM noise of step index i (used when eta > 0), (B, h, w, c)."""
+    """The DDIM noise of step index i, (B, h, w, c) (scaled by sigma_t, 0 when eta = 0)."""
     return sample_noise(keys, 1 + index, latent_shape)
 
 
@@ -131,51 +135,26 @@ def prompt_init(problem: Problem, C):
     return jax.vmap(problem.optimizer.init)(C)
 
 
-def prompt_objective(problem: Problem, z_t, t, ab_t, C):
-    """sum_b r_b(stopgrad(z_t), C)^2 / n and the per-sample values: P2L step 1's loss.
-
-    A per-sample sum, so sample b's gradient in C depends on sample b alone.
-    """
-    from p2l_jax.schedule import tweedie
-
-    z_t = jax.lax.stop_gradient(z_t)
-    z0hat = tweedie(z_t, problem.eps(z_t, t, C), ab_t)
-    loss = prompt_loss_from_residual(problem, residual(problem, problem.decode(z0hat)))
-    return loss.sum(), loss
-
-
-def tune_prompt(problem: Problem, z_t, t, ab_t, C, opt_state, K: int):
-    """P2L step 1: K times g_C = grad_C r(stopgrad(z_t), C)^2 / n; (C, S) = optax update.
-
-    Returns (C*, S, loss before the first update (B,), last gradient g_C).
-    """
-
-    def one(carry, _):
-        C, S = carry
-        g, loss = jax.grad(prompt_objective, argnums=4, has_aux=True)(problem, z_t, t, ab_t, C)
-        C, S = prompt_update(problem, g, C, S)
-        return (C, S), (loss, g)
-
-    (C, opt_state), (losses, grads) = jax.lax.scan(one, (C, opt_state), None, length=K)
-    return C, opt_state, losses[0], grads[-1]
-
-
 # ---- projection and transition ---------------------------------------------------------
-def project_to_encoder_range(problem: Problem, z_t, ab_t, z0hat, eps, mode: str, lam: float,
-                             enabled):
+def project_to_encoder_range(problem: Problem, z_t, ab_t, z0hat, eps, enabled):
     """P2L step 4, when ``enabled`` (a traced bool): x* from D(z0hat), z0hat <- E(x*),
     eps <- (z_t - sqrt(ab_t) z0hat) / sqrt(1 - ab_t).
 
-    ``mode`` "prox": x* = argmin_x ||y - A x||^2 + lam ||x - D(z0hat)||^2 (the operator's prox);
-    "glue": x* = A^T y + (I - A^T A) D(z0hat); "none": unchanged.
+    ``structure.projection`` "prox": x* = argmin_x ||y - A x||^2 + lam ||x - D(z0hat)||^2 (the
+    operator's prox, lam from the settings); "glue": x* = A^T y + (I - A^T A) D(z0hat);
+    "none" (and solvers without a projection): unchanged. Under a vmap whose ``enabled`` is
+    batched (a sweep over ``project_every``) the ``lax.cond`` becomes a select: both branches
+    run every step.
     """
+    mode = getattr(problem.structure, "projection", "none")
     if mode == "none":
         return z0hat, eps
 
     def project(args):
         z0hat, _ = args
-        x = problem.model.decode(jax.lax.stop_gradient(z0hat))
-        x_star = problem.operator.prox(x, problem.y, lam) if mode == "prox" else glue(problem, x)
+        x = problem.decode(jax.lax.stop_gradient(z0hat))  # clipped if the structure says
+        x_star = (problem.operator.prox(x, problem.y, problem.settings["lam"]) if mode == "prox"
+                  else glue(problem, x))
         z0_new = problem.model.encode(x_star)
         return z0_new, eps_from_x0(z_t, z0_new, ab_t)
 
@@ -184,10 +163,12 @@ def project_to_encoder_range(problem: Problem, z_t, ab_t, z0hat, eps, mode: str,
 
 def ddim_transition(problem: Problem, state: State, inp: StepInput, z0hat, eps, g_z=None):
     """P2L step 5: DDIM update to ab_p with this step's per-sample noise, then
-    z_prev <- z_prev - rho_t g_z. Returns the next State's z."""
-    eta = problem.config.eta
-    noise = step_noise(problem.keys, inp.index, state.z.shape[1:]) if eta > 0 else None
-    z_prev = ddim_update(z0hat, eps, inp.ab_t, inp.ab_p, eta, noise)
+    z_prev <- z_prev - rho_t g_z. Returns the next State's z.
+
+    The noise is drawn whatever eta is (eta is data): sigma_t = 0 at eta = 0 scales it away
+    and adds exactly zero, so deterministic DDIM keeps its values."""
+    noise = step_noise(problem.keys, inp.index, state.z.shape[1:])
+    z_prev = ddim_update(z0hat, eps, inp.ab_t, inp.ab_p, problem.settings["eta"], noise)
     if g_z is not None:
         z_prev = z_prev - inp.rho * g_z
     return z_prev

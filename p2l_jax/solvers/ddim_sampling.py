@@ -16,16 +16,10 @@ from p2l_jax.solvers.common import (Problem, State, StepInput, StepRecord, ddim_
 
 
 def step(problem: Problem, state: State, inp: StepInput):
-    w = problem.config.guidance_scale
     z, C = state.z, state.C
-    if w == 1.0:
-        eps = problem.eps(z, inp.t, C)
-    else:
-        both = problem.eps(jnp.concatenate([z, z]), inp.t, jnp.concatenate([problem.C_neg, C]))
-        eps_neg, eps_pos = jnp.split(both, 2)
-        eps = eps_neg + w * (eps_pos - eps_neg)
+    eps = problem.eps(z, inp.t, C)  # guided when guidance_scale != 1 (program.make_problem)
     z0hat = tweedie(z, eps, inp.ab_t)
     z_prev = ddim_transition(problem, state, inp, z0hat, eps)
     nan = jnp.full(z.shape[:1], jnp.nan, jnp.float32)
     r = residual(problem, problem.decode(z0hat)) if problem.y is not None else nan
-    return State(z_prev, C, state.opt_state, z0hat), StepRecord(r, nan)
+    return State(z_prev, C, state.opt_state), StepRecord(r, nan)

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from p2l_jax.errors import P2LError
 from p2l_jax.solvers.common import (Problem, State, StepInput, StepRecord, ddim_transition,
                                     residual)
+from p2l_jax.solvers.configs import setting
+from p2l_jax.solvers.gradients import VARIANTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +53,13 @@ class DPSConfig:
     """
 
     num_steps: int = 1000
-    eta: float = 1.0
-    zeta: float = 1.0
+    eta: float = setting(1.0)
+    zeta: float = setting(1.0)
     prompt: str = ""
     gradient: str = "full"
     remat: bool = False
 
     def __post_init__(self):
-        from p2l_jax.solvers.gradients import VARIANTS
-
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise P2LError(f"option num_steps={self.num_steps!r} must be a positive int")
         if not 0.0 <= self.eta <= 1.0:
@@ -74,15 +74,14 @@ class DPSConfig:
 
 def step(problem: Problem, state: State, inp: StepInput):
     """One DPS step (module docstring); the prompt C is never tuned."""
-    from p2l_jax.solvers.gradients import VARIANTS
 
     def objective(z0hat):  # loss r^2 (per sample), and r for the record and zeta_t
         r = residual(problem, problem.decode(z0hat))
         return r * r, r
 
-    g = VARIANTS[problem.config.gradient](problem, state, inp, objective, False, 1)
+    g = VARIANTS[problem.structure.gradient](problem, state, inp, objective, False, 1)
     r = g.residual
-    zeta_t = jnp.where(r > 0, problem.config.zeta / jnp.where(r > 0, r, 1.0), 0.0)
+    zeta_t = jnp.where(r > 0, problem.settings["zeta"] / jnp.where(r > 0, r, 1.0), 0.0)
     z_prev = ddim_transition(problem, state, inp, g.z0hat, g.eps)
     z_prev = z_prev - zeta_t[:, None, None, None] * g.g_z
-    return State(z_prev, g.C, g.opt_state, g.z0hat), StepRecord(r, g.prompt_loss)
+    return State(z_prev, g.C, g.opt_state), StepRecord(r, g.prompt_loss)

@@ -1,41 +1,30 @@
-"""The one driver: ``solve(model, operator, y, key, config)`` runs any solver as a single
-jitted function whose timestep loop is ``lax.scan``.
-
-Per step i (0-based) the scan feeds t_i, ab_t = alpha_bar_{t_i}, ab_p (the previous DDIM
-timestep's alpha_bar, or the final alpha), rho_i and the projection flag
-((i + 1) % gamma == 0) to the solver's ``step`` (see :mod:`p2l_jax.solvers.common`).
-Schedule values come from the model's scheduler config (diffusers DDIM rules).
+"""``solve(model, operator, y, key, config)``: check the arguments, split the config into its
+static structure and its settings (:func:`p2l_jax.solvers.configs.split`) and hand the
+run to the one runner (:func:`p2l_jax.solvers.resumable.run`), whole or in chunks.
 
 Randomness is per sample: sample b's z_T and DDIM noise come from its own key (a batch of B
 keys, or one key folded with the sample index b), so a sample's result does not depend on
-the other samples of its batch. The output image is D(z0hat) of the last step.
+the other samples of its batch. The output image is D(z_0), the decoded final latent
+(:mod:`p2l_jax.solvers.program`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from p2l_jax.errors import P2LError
-from p2l_jax.solvers.common import Problem, State, StepInput, initial_latents, prompt_init
-from p2l_jax.solvers.configs import DDIMConfig, build_optimizer
-from p2l_jax.solvers.registry import MEASURED, SOLVERS
-
-
-class SolveResult(NamedTuple):
-    """images (B, H, W, 3) = D(z0hat_last); latents (B, h, w, c) = the final z;
-    embedding (B, 77, d) = the final C; residual and prompt_loss (B, N) per step and sample
-    (prompt_loss is NaN where no prompt is tuned, residual NaN without a measurement)."""
-
-    images: jax.Array
-    latents: jax.Array
-    embedding: jax.Array
-    residual: jax.Array
-    prompt_loss: jax.Array
+from p2l_jax.solvers import program
+from p2l_jax.solvers.common import State, prompt_init
+from p2l_jax.solvers.configs import Structure, split
+from p2l_jax.solvers.gradients import VARIANTS
+from p2l_jax.solvers.guided import fidelity_objective
+from p2l_jax.solvers.program import SolveResult, make_problem, step_inputs
+from p2l_jax.solvers.registry import solver_of
+from p2l_jax.solvers.resumable import Programs, run, run_identity
 
 
 def per_sample_keys(key, batch_size: int) -> jax.Array:
@@ -51,58 +40,6 @@ def per_sample_keys(key, batch_size: int) -> jax.Array:
     return key
 
 
-def schedule_inputs(model, config) -> StepInput:
-    """The scanned per-step inputs (numpy; static per config and model)."""
-    sched = model.schedule
-    n = config.num_steps
-    ts = sched.timesteps(n)
-    ab_t, ab_p = sched.alpha_bar_pairs(n)
-    rho = np.asarray(getattr(config, "rho", 0.0), np.float32) * np.ones(n, np.float32)
-    gamma = getattr(config, "gamma", None) if hasattr(config, "projection") else None
-    project = ((np.arange(n) + 1) % gamma == 0) if gamma else np.zeros(n, bool)
-    return StepInput(np.arange(n, dtype=np.int32), ts.astype(np.int32), ab_t, ab_p, rho, project)
-
-
-def _network_fns(remat: bool):
-    eps = lambda m, z, t, C: m.eps(z, t, C)
-    decode = lambda m, z: m.decode(z)
-    if remat:
-        eps, decode = jax.checkpoint(eps), jax.checkpoint(decode)
-    return eps, decode
-
-
-def make_problem(model, operator, y, keys, config, C_neg=None) -> Problem:
-    """The :class:`Problem` of a run (call inside a jitted function)."""
-    eps, decode = _network_fns(getattr(config, "remat", False))
-    optimizer = build_optimizer(config.optimizer) if hasattr(config, "optimizer") else None
-    return Problem(model=model, operator=operator, y=y, keys=keys, config=config,
-                   optimizer=optimizer, eps=functools.partial(eps, model),
-                   decode=functools.partial(decode, model), C_neg=C_neg)
-
-
-def initial_state(problem: Problem, C0, latent_shape) -> State:
-    B = problem.keys.shape[0]
-    z_T = initial_latents(problem.keys, latent_shape)
-    C = jnp.broadcast_to(C0, (B,) + C0.shape[1:]).astype(jnp.float32)
-    opt_state = prompt_init(problem, C) if problem.optimizer is not None else ()
-    return State(z_T, C, opt_state, jnp.zeros_like(z_T))
-
-
-@functools.partial(jax.jit, static_argnames=("config", "latent_shape"))
-def solve_prepared(model, operator, y, keys, C0, C_neg, *, config, latent_shape):
-    """The one compiled program behind :func:`solve`: arguments as :func:`prepare` returns
-    them (per-sample ``keys``, starting embedding ``C0``, DDIM's ``C_neg`` or None) and the
-    static latent shape (h, w, c). Public so benchmarks can ``.lower(...).compile()`` it and
-    read XLA's cost and memory analyses of exactly what ``solve`` runs."""
-    problem = make_problem(model, operator, y, keys, config, C_neg)
-    step = SOLVERS[type(config)]
-    state = initial_state(problem, C0, latent_shape)
-    inputs = jax.tree_util.tree_map(jnp.asarray, schedule_inputs(model, config))
-    state, records = jax.lax.scan(lambda s, inp: step(problem, s, inp), state, inputs)
-    images = model.decode(state.z0hat)
-    return SolveResult(images, state.z, state.C, records.residual.T, records.prompt_loss.T)
-
-
 def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | None = None,
           embedding=None, negative_embedding=None, chunk_steps: int | None = None,
           on_chunk=None, checkpoint=None, checkpoint_every: int | None = None) -> SolveResult:
@@ -113,54 +50,61 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
       operator: the forward operator A (a pytree with forward/adjoint/prox); None for DDIM.
       y: the measurement (B, ...); None for DDIM sampling (then B = number of keys).
       key: one PRNG key (split per sample by index) or a batch of B keys.
-      config: P2LConfig, LDPSConfig, GMLDPSConfig, PSLDConfig or DDIMConfig.
+      config: P2LConfig, LDPSConfig, GMLDPSConfig, PSLDConfig or DDIMConfig. Its settings
+        (rho, lam, eta, learning rate, ...) are arrays of the program: another value
+        reuses the compiled program; its structure (num_steps, gradient, K, ...) is static.
       latent_size: (h, w) of the latents; default the model's native sample size.
       embedding: starting text embedding C0, (1 or B, 77, d), instead of ``config.prompt``'s;
         an array argument, so per-sample captions share one compiled program.
       negative_embedding: DDIM guidance's unconditional embedding, instead of
         ``config.negative_prompt``'s.
       chunk_steps: None (default): one jitted program, one ``lax.scan`` over all steps.
-        k: the chunked mode of :mod:`p2l_jax.solvers.resumable` (jitted calls of one
-        "advance k steps" program, then a decode), with ``on_chunk(steps_done, num_steps)``
-        called between chunks and, given a ``checkpoint`` directory, the in-flight state
-        saved every ``checkpoint_every`` steps (default k) and resumed on a rerun.
+        k: jitted calls of one "advance k steps" program, then a decode, with
+        ``on_chunk(steps_done, num_steps)`` called between chunks and, given a
+        ``checkpoint`` directory, the in-flight state saved every ``checkpoint_every`` steps
+        (default k) and resumed on a rerun (:mod:`p2l_jax.solvers.resumable`).
     Returns:
-      :class:`SolveResult`.
+      :class:`SolveResult`; its images are D(z_0).
     """
-    if chunk_steps is not None or checkpoint is not None or on_chunk is not None:
-        from p2l_jax.solvers.resumable import solve_chunked
-
-        return solve_chunked(model, operator, y, key, config, chunk_steps, on_chunk=on_chunk,
-                             checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                             latent_size=latent_size, embedding=embedding,
-                             negative_embedding=negative_embedding)
     p = prepare(model, operator, y, key, config, latent_size=latent_size, embedding=embedding,
                 negative_embedding=negative_embedding)
-    return solve_prepared(model, operator, p.y, p.keys, p.C0, p.C_neg, config=config,
-                  latent_shape=p.latent_shape)
+    s, settings = p.structure, p.settings
+    inputs = (model, operator, p.y, p.keys)
+    programs = Programs(
+        whole=lambda: program.solve_prepared(*inputs, p.C0, p.C_neg, settings, structure=s,
+                                             latent_shape=p.latent_shape),
+        start=lambda k: program.jit_start(*inputs, p.C0, p.C_neg, settings, structure=s,
+                                          latent_shape=p.latent_shape, k=k),
+        advance=lambda carry, first, k: program.jit_advance(*inputs, p.C_neg, settings, carry,
+                                                            first, structure=s, k=k),
+        finish=lambda carry: program.jit_finish(model, operator, p.y, carry, structure=s))
+    return run(programs, config.num_steps, chunk_steps=chunk_steps, on_chunk=on_chunk,
+               checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+               identity=run_identity(model, operator, config, p.latent_shape, p.y, p.keys,
+                                     p.C0, p.C_neg))
 
 
 class Prepared(NamedTuple):
     """``solve``'s checked arguments: y (B, ...) or None, per-sample keys (B,), C0 (1 or B,
-    77, d), C_neg (B, 77, d) or None, and the static latent shape (h, w, c)."""
+    77, d), C_neg (1 or B, 77, d) or None, the static latent shape (h, w, c), and the
+    config's structure and settings."""
 
     y: jax.Array | None
     keys: jax.Array
     C0: jax.Array
     C_neg: jax.Array | None
     latent_shape: tuple[int, int, int]
+    structure: Structure
+    settings: Any
 
 
 def prepare(model, operator, y, key, config, *, latent_size=None, embedding=None,
             negative_embedding=None) -> Prepared:
-    """Check ``solve``'s arguments and derive its array inputs (see :func:`solve`); works on
-    concrete arrays and inside a trace."""
-    if type(config) not in SOLVERS:
-        raise P2LError(f"option config: {type(config).__name__} is not a solver config; "
-                       f"known: {', '.join(c.__name__ for c in SOLVERS)}")
-    measured = isinstance(config, MEASURED)
-    if measured and (operator is None or y is None):
+    """Check ``solve``'s arguments and derive its array inputs (see :func:`solve`)."""
+    solver = solver_of(type(config))
+    if solver.measured and (operator is None or y is None):
         raise P2LError(f"{type(config).__name__} needs an operator and a measurement y")
+    structure, settings = split(config)
     if y is not None:
         y = jnp.asarray(y, jnp.float32)
         batch = y.shape[0]
@@ -180,11 +124,10 @@ def prepare(model, operator, y, key, config, *, latent_size=None, embedding=None
     C0 = model.text_embeddings([config.prompt]) if embedding is None else _embedding(
         embedding, batch, "embedding")
     C_neg = None
-    if isinstance(config, DDIMConfig) and config.guidance_scale != 1.0:
+    if getattr(structure, "guidance", False):
         C_neg = (model.text_embeddings([config.negative_prompt]) if negative_embedding is None
                  else _embedding(negative_embedding, batch, "negative_embedding"))
-        C_neg = jnp.broadcast_to(C_neg, (batch,) + C0.shape[1:])
-    return Prepared(y, keys, C0, C_neg, latent_shape)
+    return Prepared(y, keys, C0, C_neg, latent_shape, structure, settings)
 
 
 def _embedding(C, batch: int, name: str) -> jax.Array:
@@ -194,30 +137,23 @@ def _embedding(C, batch: int, name: str) -> jax.Array:
     return C
 
 
-def compiled_programs() -> int:
-    """How many programs the driver has compiled so far in this process."""
-    return solve_prepared._cache_size()
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _gradients_at(model, operator, y, z_t, C, index, *, config):
+@functools.partial(jax.jit, static_argnames=("structure",))
+def _gradients_at(model, operator, y, z_t, C, C_neg, index, settings, *, structure):
     keys = per_sample_keys(jax.random.key(0), z_t.shape[0])
-    problem = make_problem(model, operator, y, keys, config)
-    inputs = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[index],
-                                    schedule_inputs(model, config))
-    state = State(z_t, C, prompt_init(problem, C) if problem.optimizer is not None else (),
-                  jnp.zeros_like(z_t))
-    from p2l_jax.solvers.guided import fidelity_objective
-    from p2l_jax.solvers.gradients import VARIANTS
-
-    tune = getattr(config, "tune_prompt", False)
-    return VARIANTS[config.gradient](problem, state, inputs, fidelity_objective(problem), tune,
-                                     getattr(config, "K", 1))
+    problem = make_problem(model, operator, y, keys, structure, settings, C_neg)
+    inputs = jax.tree_util.tree_map(lambda a: a[index], step_inputs(model, structure, settings, 1))
+    state = State(z_t, C, prompt_init(problem, C) if problem.optimizer is not None else ())
+    return VARIANTS[structure.gradient](problem, state, inputs, fidelity_objective(problem),
+                                        getattr(structure, "tune_prompt", False),
+                                        getattr(structure, "K", 1))
 
 
 def gradients_at(model, operator, y, z_t, C, index: int, config):
     """The configured gradient variant at one point (z_t, C) of step ``index`` with a fresh
     optimizer state and the fidelity objective r: a GradientResult (eps, z0hat, g_z, C*, S,
     prompt loss before tuning, g_C, r at the g_z point). For tests, research and benchmarks."""
+    structure, settings = split(config)
+    C_neg = (model.text_embeddings([config.negative_prompt])
+             if getattr(structure, "guidance", False) else None)
     return _gradients_at(model, operator, jnp.asarray(y, jnp.float32), jnp.asarray(z_t),
-                         jnp.asarray(C), jnp.int32(index), config=config)
+                         jnp.asarray(C), C_neg, jnp.int32(index), settings, structure=structure)

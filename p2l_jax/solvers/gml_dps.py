@@ -8,7 +8,7 @@ from p2l_jax.solvers.guided import guided_step
 
 
 def step(problem: Problem, state: State, inp: StepInput):
-    gamma_ae = problem.config.gamma_ae
+    gamma_ae = problem.settings["gamma_ae"]
 
     def objective(z0hat):
         x = problem.decode(z0hat)

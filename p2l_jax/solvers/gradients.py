@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from p2l_jax.schedule import tweedie
-from p2l_jax.solvers.common import prompt_loss_from_residual, prompt_update, tune_prompt
+from p2l_jax.solvers.common import prompt_loss_from_residual, prompt_update
+from p2l_jax.solvers.prompt_objectives import in_window, tune_prompt
 
 
 class GradientResult(NamedTuple):
@@ -51,7 +52,7 @@ def _no_tuning(state):
 def _maybe_tune(problem, state, inp, tune, K):
     if not tune:
         return _no_tuning(state)
-    return tune_prompt(problem, state.z, inp.t, inp.ab_t, state.C, state.opt_state, K)
+    return tune_prompt(problem, state.z, inp, state.C, state.opt_state, K)
 
 
 def full(problem, state, inp, objective, tune, K) -> GradientResult:
@@ -91,6 +92,10 @@ def joint(problem, state, inp, objective, tune, K) -> GradientResult:
     n = problem.y[0].size
     g_C = (2.0 * r / n)[:, None, None] * g_Cr
     C, S = prompt_update(problem, g_C, state.C, state.opt_state)
+    on = in_window(problem, inp.index)  # outside the tuning window: C, S unchanged
+    C, S, ploss = jax.tree_util.tree_map(lambda new, old: jnp.where(on, new, old),
+                                         (C, S, ploss), (state.C, state.opt_state,
+                                                         jnp.full_like(ploss, jnp.nan)))
     return GradientResult(eps, z0hat, g_z, C, S, ploss, g_C, r)
 
 

@@ -8,12 +8,12 @@ from p2l_jax.solvers.guided import guided_step
 
 
 def step(problem: Problem, state: State, inp: StepInput):
-    cfg = problem.config
+    omega, gamma = problem.settings["omega"], problem.settings["gamma"]
 
     def objective(z0hat):
         x = problem.decode(z0hat)
         r = residual(problem, x)
-        return cfg.omega * r + cfg.gamma * latent_norm(problem.model.encode(glue(problem, x))
+        return omega * r + gamma * latent_norm(problem.model.encode(glue(problem, x))
                                                        - z0hat), r
 
     return guided_step(problem, state, inp, objective)

@@ -1,0 +1,176 @@
+"""P2L's prompt tuning as a research axis: objectives, the tuning window, the per-run learning
+rate, guidance with the tuned C, clipping, and the paper preset (tiny random SD 1.x model)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import p2l_jax
+from p2l_jax.errors import P2LError
+from p2l_jax.operators import Inpainting
+from p2l_jax.schedule import tweedie
+from p2l_jax.solvers import OptimizerConfig, P2LConfig, compiled_programs, gradients_at, solve
+from p2l_jax.solvers.configs import split
+from p2l_jax.solvers.driver import per_sample_keys
+from p2l_jax.solvers.program import make_problem, step_inputs
+from p2l_jax.solvers.prompt_objectives import OBJECTIVES, _draw_keys
+
+STEPS = 4
+BASE = P2LConfig(num_steps=STEPS, optimizer=OptimizerConfig(learning_rate=1e-2))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def highest_precision():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sd1_dir):
+    model = p2l_jax.load_model(tiny_sd1_dir)
+    mask = np.ones((64, 64), np.float32)
+    mask[16:48, 20:44] = 0.0
+    op = Inpainting(mask)
+    u = np.linspace(-1, 1, 64, dtype=np.float32)
+    x = np.stack([np.stack([np.sin(3 * (b + 1) * u)[None, :] * np.cos(2 * u)[:, None]] * 3, -1)
+                  for b in range(2)]) * 0.8
+    keys = jax.random.split(jax.random.key(5), 2)
+    return dict(model=model, op=op, y=op.forward(jnp.asarray(x)), keys=keys,
+                C0=model.text_embeddings([""]),
+                z=jax.random.normal(jax.random.key(1), (2, 8, 8, 4)))
+
+
+# ---------------------------------------------------------------- config-level behaviour
+def test_per_run_learning_rate_is_a_budget():
+    cfg = P2LConfig(num_steps=25, K=2, optimizer=OptimizerConfig(learning_rate=0.1, per_run=True))
+    assert float(split(cfg)[1]["optimizer"]["learning_rate"]) == pytest.approx(0.1 / 50)
+    absolute = P2LConfig(num_steps=25, K=2, optimizer=OptimizerConfig(learning_rate=0.1))
+    assert float(split(absolute)[1]["optimizer"]["learning_rate"]) == pytest.approx(0.1)
+    # the budget is data: the two configs share a structure (one compiled program)
+    assert split(cfg)[0] == split(absolute)[0]
+
+
+def test_paper_preset():
+    cfg = P2LConfig.paper()
+    assert (cfg.num_steps, cfg.K, cfg.project_every, cfg.lam, cfg.rho) == (1000, 1, 8, 1.0, 0.05)
+    assert cfg.optimizer == OptimizerConfig() and cfg.projection == "prox"
+    assert cfg.guidance_scale == 1.0 and cfg.prompt == ""
+    assert P2LConfig.paper(num_steps=50).num_steps == 50
+    assert P2LConfig() != cfg  # the defaults are this project's tuned ones
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(prompt_objective="likelihood"), "prompt_objective"),
+    (dict(gradient="joint", prompt_objective="marginal"), "joint"),
+    (dict(prompt_draws=0), "prompt_draws"),
+    (dict(tune_start=0.5, tune_stop=0.5), "tune_start"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+])
+def test_bad_prompt_options_are_refused(kwargs, word):
+    with pytest.raises(P2LError, match=word):
+        P2LConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- the objectives' math
+def _problem(setup, cfg):
+    structure, settings = split(cfg)
+    m = setup["model"]
+    C_neg = m.text_embeddings([cfg.negative_prompt]) if structure.guidance else None
+    problem = make_problem(m, setup["op"], setup["y"], per_sample_keys(setup["keys"], 2),
+                           structure, settings, C_neg)
+    inp = jax.tree_util.tree_map(lambda a: a[1], step_inputs(m, structure, settings, 1))
+    return problem, inp
+
+
+def _residual_loss(setup, z0hat):
+    d = setup["y"] - setup["op"].forward(setup["model"].decode(z0hat))
+    return jnp.sum(d.reshape(2, -1) ** 2, axis=1) / setup["y"][0].size
+
+
+def test_objectives_follow_their_formulas(setup):
+    """Each objective equals its docstring formula, written here from the model's networks."""
+    m, z, C = setup["model"], setup["z"], jnp.broadcast_to(setup["C0"], (2, 77, 32))
+    cfg = dataclasses.replace(BASE, prompt_draws=2)
+    problem, inp = _problem(setup, cfg)
+    ab = inp.ab_t
+
+    z0 = tweedie(z, m.eps(z, inp.t, C), ab)
+    np.testing.assert_allclose(OBJECTIVES["tweedie"](problem, z, inp, C),
+                               _residual_loss(setup, z0), rtol=1e-5)
+
+    xis = [jax.vmap(lambda k: jax.random.normal(k, z.shape[1:]))(_draw_keys(problem, inp.index, i))
+           for i in range(2)]
+    want = sum(_residual_loss(setup, tweedie(zm, m.eps(zm, inp.t, C), ab)) for zm in
+               (jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * xi for xi in xis)) / 2
+    np.testing.assert_allclose(OBJECTIVES["renoised"](problem, z, inp, C), want, rtol=1e-5)
+
+    post = m.encode(setup["op"].prox(m.decode(z0), setup["y"], cfg.lam))
+    ac = jnp.asarray(m.schedule.alphas_cumprod())
+    want = 0.0
+    for i, xi in enumerate(xis):
+        s = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0, ac.shape[0]))(
+            _draw_keys(problem, inp.index, i))
+        a = ac[s][:, None, None, None]
+        d = m.eps(jnp.sqrt(a) * post + jnp.sqrt(1 - a) * xi, s, C) - xi
+        want = want + jnp.mean(d.reshape(2, -1) ** 2, axis=1)
+    np.testing.assert_allclose(OBJECTIVES["marginal"](problem, z, inp, C), want / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["renoised", "marginal"])
+def test_new_objectives_tune_C_per_sample(setup, objective):
+    """The embedding moves, and sample 0's result does not depend on its batch mate."""
+    cfg = dataclasses.replace(BASE, prompt_objective=objective, prompt_draws=2)
+    both = solve(setup["model"], setup["op"], setup["y"], setup["keys"], cfg)
+    C0 = np.broadcast_to(np.asarray(setup["C0"]), both.embedding.shape)
+    assert np.abs(np.asarray(both.embedding) - C0).max() > 1e-3
+    assert np.isfinite(np.asarray(both.prompt_loss)).all()
+    alone = solve(setup["model"], setup["op"], setup["y"][:1], setup["keys"][:1], cfg)
+    np.testing.assert_allclose(alone.embedding[0], both.embedding[0], atol=2e-5)
+
+
+def test_tuning_window_is_data(setup):
+    """tune_stop 0.5 tunes steps 0-1 only (losses NaN after, C frozen), without a compile."""
+    full = solve(setup["model"], setup["op"], setup["y"], setup["keys"], BASE)
+    before = compiled_programs()
+    half = solve(setup["model"], setup["op"], setup["y"], setup["keys"],
+                 dataclasses.replace(BASE, tune_stop=0.5))
+    warm = solve(setup["model"], setup["op"], setup["y"], setup["keys"],
+                 dataclasses.replace(BASE, tune_start=0.5))
+    assert compiled_programs() == before
+    assert np.isfinite(np.asarray(half.prompt_loss[:, :2])).all()
+    assert np.isnan(np.asarray(half.prompt_loss[:, 2:])).all()
+    assert np.isnan(np.asarray(warm.prompt_loss[:, :2])).all()
+    assert np.isfinite(np.asarray(warm.prompt_loss[:, 2:])).all()
+    # the first two steps of the half window are the full run's
+    np.testing.assert_allclose(half.prompt_loss[:, :2], full.prompt_loss[:, :2], rtol=1e-5)
+    assert not np.allclose(half.embedding, full.embedding)
+
+
+def test_guidance_uses_the_tuned_prompt(setup):
+    """With guidance w, eps = eps(z, C_null) + w (eps(z, C*) - eps(z, C_null)) at the tuned C*."""
+    m, z = setup["model"], setup["z"]
+    C = jnp.broadcast_to(m.text_embeddings(["a photo"]), (2, 77, 32))
+    cfg = dataclasses.replace(BASE, guidance_scale=3.0, tune_prompt=False)
+    g = gradients_at(m, setup["op"], setup["y"], z, C, 1, cfg)
+    _, inp = _problem(setup, cfg)
+    neg, pos = m.eps(z, inp.t, jnp.broadcast_to(m.text_embeddings([""]), C.shape)), m.eps(z, inp.t, C)
+    np.testing.assert_allclose(g.eps, neg + 3.0 * (pos - neg), rtol=1e-4, atol=1e-5)
+    plain = gradients_at(m, setup["op"], setup["y"], z, C, 1, dataclasses.replace(cfg, guidance_scale=1.0))
+    np.testing.assert_allclose(plain.eps, pos, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_decoded(setup):
+    """clip_decoded: the residual is of the clipped decoded estimate."""
+    m, z, C = setup["model"], 3.0 * setup["z"], jnp.broadcast_to(setup["C0"], (2, 77, 32))
+    cfg = dataclasses.replace(BASE, clip_decoded=True, tune_prompt=False)
+    g = gradients_at(m, setup["op"], setup["y"], z, C, 1, cfg)
+    x = m.decode(g.z0hat)
+    assert float(jnp.abs(x).max()) > 1.0  # the test point decodes out of range
+    d = setup["y"] - setup["op"].forward(jnp.clip(x, -1, 1))
+    np.testing.assert_allclose(g.residual, jnp.sqrt(jnp.sum(d.reshape(2, -1) ** 2, axis=1)),
+                               rtol=1e-5)
