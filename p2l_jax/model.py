@@ -33,6 +33,7 @@ from flax import nnx
 from p2l_jax.convert import restore_params
 from p2l_jax.errors import P2LError
 from p2l_jax.layout import COMPONENTS, CONVERTED_MARKER
+from p2l_jax.model_base import DiffusionModelBase
 from p2l_jax.schedule import ScheduleConfig, model_output_to_eps
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -54,7 +55,7 @@ class _Static:
 
 
 @jax.tree_util.register_pytree_node_class
-class LatentDiffusionModel:
+class LatentDiffusionModel(DiffusionModelBase):
     """A Stable-Diffusion-class latent diffusion model with pure, jit-able network calls.
 
     Attributes:
@@ -62,30 +63,10 @@ class LatentDiffusionModel:
       alphas_cumprod: alpha_bar_t for t = 0..T-1 (float32), from the checkpoint's scheduler.
     """
 
-    def __init__(self, params: dict, alphas_cumprod: jax.Array, static: _Static):
-        self.params = params
-        self.alphas_cumprod = alphas_cumprod
-        self._static = static
-
-    # -- pytree protocol
-    def tree_flatten(self):
-        return (self.params, self.alphas_cumprod), self._static
-
-    @classmethod
-    def tree_unflatten(cls, static, children):
-        params, alphas_cumprod = children
-        return cls(params, alphas_cumprod, static)
-
-    # -- static facts
-    unet_config = property(lambda self: self._static.unet_config)
+    # -- static facts beyond DiffusionModelBase's
     vae_config = property(lambda self: self._static.vae_config)
     text_config = property(lambda self: self._static.text_config)
-    schedule = property(lambda self: self._static.schedule, doc="The checkpoint's ScheduleConfig.")
-    scheduler_config = property(lambda self: self._static.scheduler_config)
     tokenizer = property(lambda self: self._static.tokenizer)
-    dtype = property(lambda self: self._static.dtype, doc="Parameter and activation dtype.")
-    attention = property(lambda self: self._static.attention, doc="Attention implementation name.")
-    path = property(lambda self: self._static.path)
 
     @property
     def scaling_factor(self) -> float:

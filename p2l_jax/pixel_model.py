@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from p2l_jax.errors import P2LError
+from p2l_jax.model_base import DiffusionModelBase
 from p2l_jax.schedule import ScheduleConfig, model_output_to_eps
 
 #: ``unet/config.json`` ``_class_name`` values that load as a pixel-space model.
@@ -47,7 +48,7 @@ class _PixelStatic:
 
 
 @jax.tree_util.register_pytree_node_class
-class PixelDiffusionModel:
+class PixelDiffusionModel(DiffusionModelBase):
     """An unconditional pixel-space diffusion model with the latent model's interface.
 
     Attributes:
@@ -55,26 +56,7 @@ class PixelDiffusionModel:
       alphas_cumprod: alpha_bar_t for t = 0..T-1 (float32), from the scheduler config.
     """
 
-    def __init__(self, params: dict, alphas_cumprod: jax.Array, static: _PixelStatic):
-        self.params = params
-        self.alphas_cumprod = alphas_cumprod
-        self._static = static
-
-    def tree_flatten(self):
-        return (self.params, self.alphas_cumprod), self._static
-
-    @classmethod
-    def tree_unflatten(cls, static, children):
-        params, alphas_cumprod = children
-        return cls(params, alphas_cumprod, static)
-
-    # -- static facts (names as LatentDiffusionModel's)
-    unet_config = property(lambda self: self._static.unet_config)
-    schedule = property(lambda self: self._static.schedule, doc="The checkpoint's ScheduleConfig.")
-    scheduler_config = property(lambda self: self._static.scheduler_config)
-    dtype = property(lambda self: self._static.dtype, doc="Parameter and activation dtype.")
-    attention = property(lambda self: self._static.attention, doc="Attention implementation name.")
-    path = property(lambda self: self._static.path)
+    # -- static facts beyond DiffusionModelBase's (names as LatentDiffusionModel's)
     vae_config = text_config = tokenizer = None  # no autoencoder, no text
     scaling_factor = 1.0
     vae_scale_factor = 1

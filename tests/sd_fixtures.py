@@ -113,3 +113,20 @@ def make_tiny_sd(directory: str | Path, layout: str = "sd1", seed: int = 0, samp
     directory = Path(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def box_inpainting_problem(batch: int):
+    """The solver tests' measurement on the tiny 64 px models: a 32x24 hole, and ``batch``
+    smooth test images ``x`` (B, 64, 64, 3) in [-0.8, 0.8]. Returns (operator, x, y = A x)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from p2l_jax.operators import Inpainting
+
+    mask = np.ones((64, 64), np.float32)
+    mask[16:48, 20:44] = 0.0
+    op = Inpainting(mask)
+    u = np.linspace(-1, 1, 64, dtype=np.float32)
+    x = np.stack([np.stack([np.sin(3 * (b + 1) * u)[None, :] * np.cos(2 * u)[:, None]] * 3, -1)
+                  for b in range(batch)]) * 0.8
+    return op, x, op.forward(jnp.asarray(x))

@@ -73,11 +73,10 @@ def test_solvers_run_in_pixel_space(model, config):
     assert result.images.shape == x.shape and result.latents.shape == x.shape
     assert np.all(np.isfinite(np.asarray(result.images)))
     assert result.residual.shape == (2, 3) and np.all(np.isfinite(np.asarray(result.residual)))
-    if isinstance(config, P2LConfig):
-        return  # P2L's projection moves x0hat after the residual is measured
-    # D = identity: the image is the last x0hat, which the last residual was measured on
-    r_last = jnp.sqrt(jnp.sum((y - op.forward(result.images)) ** 2, axis=(1, 2, 3)))
-    np.testing.assert_allclose(np.asarray(result.residual[:, -1]), np.asarray(r_last),
+    # D = identity: the image is the final x_0 itself, and residual_final is measured on it
+    np.testing.assert_array_equal(np.asarray(result.images), np.asarray(result.latents))
+    r_final = jnp.sqrt(jnp.sum((y - op.forward(result.images)) ** 2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(np.asarray(result.residual_final), np.asarray(r_final),
                                rtol=1e-4)
 
 

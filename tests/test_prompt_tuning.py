@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import p2l_jax
+from sd_fixtures import box_inpainting_problem
 from p2l_jax.errors import P2LError
-from p2l_jax.operators import Inpainting
 from p2l_jax.schedule import tweedie
 from p2l_jax.solvers import OptimizerConfig, P2LConfig, compiled_programs, gradients_at, solve
 from p2l_jax.solvers.configs import split
@@ -33,14 +33,9 @@ def highest_precision():
 @pytest.fixture(scope="module")
 def setup(tiny_sd1_dir):
     model = p2l_jax.load_model(tiny_sd1_dir)
-    mask = np.ones((64, 64), np.float32)
-    mask[16:48, 20:44] = 0.0
-    op = Inpainting(mask)
-    u = np.linspace(-1, 1, 64, dtype=np.float32)
-    x = np.stack([np.stack([np.sin(3 * (b + 1) * u)[None, :] * np.cos(2 * u)[:, None]] * 3, -1)
-                  for b in range(2)]) * 0.8
+    op, _, y = box_inpainting_problem(2)
     keys = jax.random.split(jax.random.key(5), 2)
-    return dict(model=model, op=op, y=op.forward(jnp.asarray(x)), keys=keys,
+    return dict(model=model, op=op, y=y, keys=keys,
                 C0=model.text_embeddings([""]),
                 z=jax.random.normal(jax.random.key(1), (2, 8, 8, 4)))
 

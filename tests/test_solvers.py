@@ -13,7 +13,6 @@ import pytest
 
 import p2l_jax
 from p2l_jax.errors import P2LError
-from p2l_jax.operators import Inpainting
 from p2l_jax.solvers import (DDIMConfig, GMLDPSConfig, LDPSConfig, OptimizerConfig, P2LConfig,
                              PSLDConfig, compiled_programs, gradients_at, solve)
 from p2l_jax.solvers.common import initial_latents, step_noise
@@ -21,6 +20,7 @@ from p2l_jax.solvers.common import initial_latents, step_noise
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 import torch_reference as ref  # noqa: E402
+from sd_fixtures import box_inpainting_problem  # noqa: E402
 
 STEPS = 5
 # project_every 2: projections at steps 1 and 3; lr 1e-2 so tuning moves C visibly within 5 steps
@@ -37,13 +37,8 @@ def highest_precision():
 @pytest.fixture(scope="module")
 def setup(tiny_sd1_dir):
     model = p2l_jax.load_model(tiny_sd1_dir)
-    mask = np.ones((64, 64), np.float32)
-    mask[16:48, 20:44] = 0.0
-    op = Inpainting(mask)
-    u = np.linspace(-1, 1, 64, dtype=np.float32)
-    x = np.stack([np.stack([np.sin(3 * (b + 1) * u)[None, :] * np.cos(2 * u)[:, None]] * 3, -1)
-                  for b in range(3)]) * 0.8
-    y = op.forward(jnp.asarray(x))
+    op, x, y = box_inpainting_problem(3)
+    mask = np.asarray(op.mask)[0, :, :, 0]  # (64, 64)
     torch_mods = dict(
         unet=diffusers.UNet2DConditionModel.from_pretrained(tiny_sd1_dir, subfolder="unet").eval(),
         vae=diffusers.AutoencoderKL.from_pretrained(tiny_sd1_dir, subfolder="vae").eval(),
