@@ -302,7 +302,9 @@ def device_info() -> dict:
     dev = jax.devices()[0]
     return {"platform": dev.platform, "device_kind": dev.device_kind,
             "device_count": jax.device_count(), "host": platform.node(),
-            "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "load_average": list(os.getloadavg()),
             "jax_version": jax.__version__}
 
 
