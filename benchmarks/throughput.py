@@ -310,15 +310,10 @@ def device_info() -> dict:
 
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run one configuration and return its JSON record (see the module docstring)."""
-    previous = os.environ.get("P2L_JAX_CONV")
-    os.environ["P2L_JAX_CONV"] = cfg.conv  # read when the programs are traced
-    try:
+    from benchmarks.measure import conv_form
+
+    with conv_form(cfg.conv):
         return _run_benchmark(cfg)
-    finally:
-        if previous is None:
-            os.environ.pop("P2L_JAX_CONV")
-        else:
-            os.environ["P2L_JAX_CONV"] = previous
 
 
 def _run_benchmark(cfg: BenchConfig) -> dict:
