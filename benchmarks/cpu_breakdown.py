@@ -1,19 +1,23 @@
 """Where a P2L step's time goes: each network pass, JAX vs PyTorch, same weights and inputs.
 
     python -m benchmarks.cpu_breakdown [--model embedded|tiny|sd15|sd21|DIR] [--resolution PX]
-        [--repeats 5]
+        [--repeats 5] [--forms xla,cpu]
 
 A P2L step (``full`` gradient) is two forward + input-gradient passes through UNet and
-decoder (prompt update, latent update). This times each piece alone, jitted in JAX and in
-PyTorch eager (diffusers modules carrying the same parameters, ``benchmarks.torch_baseline``),
-at batch 1, float32, t = 500: UNet forward, UNet vjp w.r.t. (z_t, C), decoder forward and
-decoder vjp w.r.t. z. Prints seconds (median of ``--repeats``) and the ratio JAX / torch, so
-a slower end-to-end step can be traced to the network pass that causes it.
+decoder (prompt update, latent update), plus an encoder forward when it projects. This times
+each piece alone in PyTorch eager (diffusers modules carrying the same parameters,
+``benchmarks.torch_baseline``) and jitted in JAX inside a one-iteration ``lax.scan``, where
+the solver runs them (XLA:CPU compiles loop bodies differently from the entry computation,
+see p2l_jax/models/conv.py), once per convolution form of ``--forms`` (``P2L_JAX_CONV``), at
+batch 1, float32, t = 500: UNet forward, UNet vjp w.r.t. (z_t, C), decoder forward, decoder
+vjp w.r.t. z, encoder forward. Prints seconds (median of ``--repeats``) and JAX / torch, so a
+slower end-to-end step can be traced to the network pass that causes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -26,11 +30,15 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="embedded")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--forms", default="xla,cpu",
+                   help="comma list of convolution forms (P2L_JAX_CONV) to time (%(default)s)")
     args = p.parse_args(argv)
+    forms = [f for f in args.forms.split(",") if f]
     import jax
     import jax.numpy as jnp
     import torch
 
+    from benchmarks.measure import conv_form
     from benchmarks.throughput import BenchConfig, build_model
     from benchmarks.torch_baseline import torch_modules
 
@@ -50,11 +58,17 @@ def main(argv=None) -> int:
     def dec_vjp(m, z, g):
         return jax.vjp(m.decode, z)[1](g)[0]
 
-    jax_parts = {
-        "unet forward": (jax.jit(lambda m, z, C: m.eps(z, jnp.asarray([t]), C)), (model, z, C)),
-        "unet vjp (z, C)": (jax.jit(unet_vjp), (model, z, C)),
-        "decoder forward": (jax.jit(lambda m, z: m.decode(z)), (model, z)),
-        "decoder vjp (z)": (jax.jit(dec_vjp), (model, z, gx)),
+    def in_scan(f):
+        """jit(f) with its body in a one-iteration lax.scan, as in the solver."""
+        return jax.jit(lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0, None, length=1)[1])
+
+    x = np.zeros(x_shape, np.float32)
+    parts = {
+        "unet forward": (lambda m, z, C: m.eps(z, jnp.asarray([t]), C), (model, z, C)),
+        "unet vjp (z, C)": (unet_vjp, (model, z, C)),
+        "decoder forward": (lambda m, z: m.decode(z), (model, z)),
+        "decoder vjp (z)": (dec_vjp, (model, z, gx)),
+        "encoder forward": (lambda m, x: m.encode(x), (model, x)),
     }
     unet, vae, _ = torch_modules(model, dicts, "float32")
     zt = torch.from_numpy(z).permute(0, 3, 1, 2).contiguous()
@@ -78,17 +92,31 @@ def main(argv=None) -> int:
         a = zt.clone().requires_grad_(True)
         torch.autograd.grad(vae.decode(a).sample, a, gt)
 
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+    def t_enc_fwd():
+        with torch.no_grad():
+            vae.encode(xt).latent_dist.mean
+
     torch_parts = {"unet forward": t_unet_fwd, "unet vjp (z, C)": t_unet_vjp,
-                   "decoder forward": t_dec_fwd, "decoder vjp (z)": t_dec_vjp}
-    print(f"model {args.model}, {x_shape[1]} px, batch 1, float32, median of {args.repeats}; "
-          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads)\n")
-    print("| pass | JAX s | torch eager s | JAX / torch |")
-    print("|---|---|---|---|")
-    for name, (fn, fargs) in jax_parts.items():
-        j = median_seconds(lambda: fn(*fargs), args.repeats)
+                   "decoder forward": t_dec_fwd, "decoder vjp (z)": t_dec_vjp,
+                   "encoder forward": t_enc_fwd}
+    print(f"model {args.model}, {x_shape[1]} px, batch 1, float32, median of {args.repeats}, "
+          f"load average {os.getloadavg()[0]:.1f}; jax {jax.__version__}, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads)\n")
+    cols = " | ".join(f"JAX {f} s" for f in forms)
+    ratios = " | ".join(f"JAX {f} / torch" for f in forms)
+    print(f"| pass | {cols} | torch eager s | {ratios} |")
+    print("|---" * (2 + 2 * len(forms)) + "|")
+    for name, (fn, fargs) in parts.items():
+        seconds = []
+        for form in forms:
+            with conv_form(form):  # a new jitted function per form
+                jitted = in_scan(fn)
+                seconds.append(median_seconds(lambda: jitted(*fargs), args.repeats))
         tr = median_seconds(torch_parts[name], args.repeats)
-        print(f"| {name} | {j:.4g} | {tr:.4g} | {j / tr:.2f} |", flush=True)
+        print(f"| {name} | {' | '.join(f'{j:.4g}' for j in seconds)} | {tr:.4g} | "
+              f"{' | '.join(f'{j / tr:.2f}' for j in seconds)} |", flush=True)
     return 0
 
 

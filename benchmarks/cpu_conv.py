@@ -1,25 +1,39 @@
-"""Where the CPU time goes: one 3x3 convolution, XLA:CPU vs PyTorch (oneDNN), same shapes.
+"""One 3x3 convolution, forward and input gradient, where the solver runs it: inside a
+``lax.scan`` body. JAX's plain form, JAX's CPU form (:mod:`p2l_jax.models.conv`) and PyTorch.
 
     python -m benchmarks.cpu_conv [--repeats 20] [--batch 1]
 
-The VAE decoder dominates a P2L step (forward + input gradient through it, twice per step), and
-it is a stack of 3x3 convolutions. For the convolution shapes of the embedded model's decoder
-(64 px: 16 channels at 64x64, 32 at 32x32, 64 at 16x16) and of the SD 1.5 decoder at 128 px,
-this times the forward and the input-gradient (vjp) of one float32 3x3 convolution with
-padding 1 in JAX (``lax.conv_general_dilated``, NHWC, jitted) and in PyTorch
-(``torch.nn.functional.conv2d``, NCHW, autograd), median of ``--repeats`` after warm-up, and
-prints GFLOP/s (2 * H * W * Cin * Cout * 9 per image and direction) and the ratio JAX / torch.
+For the shapes of the embedded model (64 px) and of SD 1.5 at 128 px, including the deepest,
+smallest maps (2x2 and 4x4 with many channels), this times a float32 3x3 convolution with
+padding 1 (forward, and the input gradient = vjp w.r.t. x) in three ways, median of
+``--repeats`` after warm-up:
+
+* ``xla``: ``lax.conv_general_dilated`` (NHWC/HWIO) and its autodiff transpose, traced inside
+  a one-iteration ``lax.scan``, as the solver's steps and the prompt-tuning loop are. XLA:CPU
+  canonicalizes convolutions to its Eigen form only in the entry computation, so there the
+  input gradient (HWOI kernel) and convs on maps smaller than the kernel (operands swapped by
+  the algebraic simplifier) run in the elemental loop emitter;
+* ``cpu``: :func:`p2l_jax.models.conv.conv2d` in the same scan (canonical input-gradient
+  conv; patch matrix product for small maps);
+* ``torch``: ``torch.nn.functional.conv2d`` (NCHW, oneDNN) and autograd.
+
+Prints GFLOP/s (2 H W C_in C_out 9 per image and direction) and JAX / torch ratios. Timing a
+convolution at top level instead (an entry computation, canonicalized) hides the slow form:
+that is how docs/BENCHMARKS.md once concluded the convolutions were not the cause.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-#: (label, side, channels): embedded decoder at 64 px; SD 1.5 decoder at 128 px
-SHAPES = (("embedded 64x64x16", 64, 16), ("embedded 32x32x32", 32, 32),
-          ("embedded 16x16x64", 16, 64), ("sd15@128 128x128x128", 128, 128),
-          ("sd15@128 32x32x512", 32, 512))
+#: (label, side, channels): embedded model at 64 px (decoder 64/32/16 px maps, UNet 2x2 level),
+#: SD 1.5 at 128 px (decoder 128 px, UNet 16/4/2 px levels)
+SHAPES = (("embedded 64x64x16", 64, 16), ("embedded 16x16x64", 16, 64),
+          ("embedded 2x2x48", 2, 48), ("sd15@128 128x128x128", 128, 128),
+          ("sd15@128 32x32x512", 32, 512), ("sd15@128 16x16x320", 16, 320),
+          ("sd15@128 4x4x1280", 4, 1280), ("sd15@128 2x2x1280", 2, 1280))
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -30,23 +44,28 @@ def median_seconds(fn, repeats: int) -> float:
     return median_time(fn, repeats, warmup=2)[0]
 
 
-def time_jax(side: int, ch: int, batch: int, repeats: int) -> tuple[float, float]:
+def time_jax(side: int, ch: int, batch: int, repeats: int, form: str) -> tuple[float, float]:
+    """(forward s, input-gradient s) of one conv in a ``lax.scan`` body, ``P2L_JAX_CONV=form``."""
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.measure import conv_form
+    from p2l_jax.models.conv import conv2d
+
     x = jax.random.normal(jax.random.key(0), (batch, side, side, ch))
     w = jax.random.normal(jax.random.key(1), (3, 3, ch, ch)) * 0.05
-
-    def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    fwd = jax.jit(conv)
-    bwd = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     g = jnp.ones_like(x)
-    f_s = median_seconds(lambda: fwd(x, w), repeats)
-    b_s = median_seconds(lambda: bwd(x, w, g), repeats)
-    return f_s, b_s
+    conv = lambda x, w: conv2d(x, w, (1, 1), ((1, 1), (1, 1)))
+    vjp = lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+
+    def in_scan(f):
+        return jax.jit(lambda x, *a: jax.lax.scan(lambda c, _: (f(c, *a), None), x, None,
+                                                  length=1)[0])
+
+    with conv_form(form):
+        fwd, bwd = in_scan(conv), in_scan(vjp)
+        return (median_seconds(lambda: fwd(x, w), repeats),
+            median_seconds(lambda: bwd(x, w, g), repeats))
 
 
 def time_torch(side: int, ch: int, batch: int, repeats: int) -> tuple[float, float]:
@@ -74,17 +93,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    print(f"float32, batch {args.batch}, median of {args.repeats}; torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, mkldnn {torch.backends.mkldnn.is_available()})\n")
-    print("| conv 3x3 | GFLOP | JAX fwd GFLOP/s | torch fwd GFLOP/s | JAX/torch fwd | "
-          "JAX vjp GFLOP/s | torch vjp GFLOP/s | JAX/torch vjp |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"float32, batch {args.batch}, median of {args.repeats}, load average "
+          f"{os.getloadavg()[0]:.1f}, {len(os.sched_getaffinity(0))} usable CPUs; torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads)\n")
+    print("| conv 3x3, in scan | GFLOP | fwd GFLOP/s xla / cpu / torch | vjp GFLOP/s xla / cpu "
+          "/ torch | JAX/torch fwd xla / cpu | JAX/torch vjp xla / cpu |")
+    print("|---|---|---|---|---|---|")
     for label, side, ch in SHAPES:
         gflop = 2 * side * side * ch * ch * 9 * args.batch / 1e9
-        jf, jb = time_jax(side, ch, args.batch, args.repeats)
+        (xf, xb), (cf, cb) = (time_jax(side, ch, args.batch, args.repeats, form)
+                              for form in ("xla", "cpu"))
         tf, tb = time_torch(side, ch, args.batch, args.repeats)
-        print(f"| {label} | {gflop:.3f} | {gflop / jf:.1f} | {gflop / tf:.1f} | {jf / tf:.2f} | "
-              f"{gflop / jb:.1f} | {gflop / tb:.1f} | {jb / tb:.2f} |")
+        rate = lambda *s: " / ".join(f"{gflop / v:.1f}" for v in s)
+        print(f"| {label} | {gflop:.3f} | {rate(xf, cf, tf)} | {rate(xb, cb, tb)} "
+              f"| {xf / tf:.2f} / {cf / tf:.2f} | {xb / tb:.2f} / {cb / tb:.2f} |", flush=True)
     return 0
 
 

@@ -3,6 +3,8 @@
 * :func:`median_time`: steady-state wall time of a call (after one warm-up), blocking on JAX
   outputs; the median of ``repeats`` calls, so one preempted call on a shared machine does
   not move it.
+* :func:`conv_form`: a context that sets ``P2L_JAX_CONV`` (the convolution form of
+  :mod:`p2l_jax.models.conv`, read when a function is traced) and restores it.
 * :func:`interleaved_times`: the same for several calls at once, round robin (one call of
   each per round), so a change of machine load between them (on a shared machine) hits all
   alike and their ratios hold better than the absolute times.
@@ -15,6 +17,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import statistics
 import sys
@@ -43,6 +47,20 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tupl
         block(fn())
         samples.append(time.perf_counter() - start)
     return statistics.median(samples), samples
+
+
+@contextlib.contextmanager
+def conv_form(form: str):
+    """Trace under ``P2L_JAX_CONV=form`` (``auto``, ``xla`` or ``cpu``); jit new functions
+    inside, since a cached trace keeps the form it was traced with."""
+    previous = os.environ.get("P2L_JAX_CONV")
+    os.environ["P2L_JAX_CONV"] = form
+    try:
+        yield
+    finally:
+        os.environ.pop("P2L_JAX_CONV")
+        if previous is not None:
+            os.environ["P2L_JAX_CONV"] = previous
 
 
 def interleaved_times(fns: dict, repeats: int, warmup: int = 1) -> dict:

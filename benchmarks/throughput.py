@@ -310,21 +310,18 @@ def device_info() -> dict:
     dev = jax.devices()[0]
     return {"platform": dev.platform, "device_kind": dev.device_kind,
             "device_count": jax.device_count(), "host": platform.node(),
-            "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "load_average": list(os.getloadavg()),
             "jax_version": jax.__version__}
 
 
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run one configuration and return its JSON record (see the module docstring)."""
-    previous = os.environ.get("P2L_JAX_CONV")
-    os.environ["P2L_JAX_CONV"] = cfg.conv  # read when the programs are traced
-    try:
+    from benchmarks.measure import conv_form
+
+    with conv_form(cfg.conv):
         return _run_benchmark(cfg)
-    finally:
-        if previous is None:
-            os.environ.pop("P2L_JAX_CONV")
-        else:
-            os.environ["P2L_JAX_CONV"] = previous
 
 
 def _run_benchmark(cfg: BenchConfig) -> dict:

@@ -102,11 +102,14 @@ def test_cpu_breakdown_times_every_network_pass_in_both_frameworks(capsys):
     pytest.importorskip("diffusers")
     from benchmarks import cpu_breakdown
 
-    assert cpu_breakdown.main(["--model", "tiny", "--repeats", "1"]) == 0
+    assert cpu_breakdown.main(["--model", "tiny", "--repeats", "1", "--forms", "xla,cpu"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and not line.startswith("| pass")]
     assert [r[0].strip() for r in rows] == ["unet forward", "unet vjp (z, C)",
-                                            "decoder forward", "decoder vjp (z)"]
-    for _, jax_s, torch_s, ratio in rows:
-        assert float(jax_s) > 0 and float(torch_s) > 0
-        assert float(ratio) == pytest.approx(float(jax_s) / float(torch_s), rel=0.02, abs=0.01)
+                                            "decoder forward", "decoder vjp (z)",
+                                            "encoder forward"]
+    for _, jax_xla, jax_cpu, torch_s, ratio_xla, ratio_cpu in rows:
+        assert float(jax_xla) > 0 and float(jax_cpu) > 0 and float(torch_s) > 0
+        for jax_s, ratio in ((jax_xla, ratio_xla), (jax_cpu, ratio_cpu)):
+            assert float(ratio) == pytest.approx(float(jax_s) / float(torch_s), rel=0.02,
+                                                 abs=0.01)
