@@ -14,8 +14,10 @@ Randomness depends on ``(seed, identity)`` only, never on an image's position, b
 * the sampler's key: :func:`p2l_jax.parallel.image_key` ``(seed, identity_i)``.
 
 The batch is split over all local devices by :func:`p2l_jax.parallel.shard_batch`; inside a
-shard every image is solved with its own key (``solve`` is ``vmap``-ed over images), so a
-result equals the result of that image restored alone.
+shard every image is solved with its own key (the solver's randomness is per sample), so a
+result equals the result of that image restored alone. The shards run the solver's programs
+(:mod:`p2l_jax.solvers.program`) under the one runner (:func:`p2l_jax.solvers.resumable.run`),
+as ``solve`` does: the config's structure is static, its settings are replicated arrays.
 
 Sizes: the UNet halves the latent ``L - 1`` times (``L`` = number of UNet blocks) and the VAE
 maps ``f`` pixels to one latent cell, so an image side must be a multiple of

@@ -147,13 +147,13 @@ def test_non_finite_result_reported_per_image(capsys, gt_dir, tmp_path, tiny_sd1
 
     from p2l_jax import pipeline
 
-    def failing_shard(batch, model, operator, config, latent_size):
+    def failing_shard(batch, model, operator, inputs, structure, latent_shape):
         x = operator.adjoint(batch["y"]) * 4.0
         x = x.at[0].set(jnp.nan)
-        return {"images": x, "residual": jnp.zeros((x.shape[0], config.num_steps)),
+        return {"images": x, "residual": jnp.zeros((x.shape[0], structure.num_steps)),
                 "residual_final": jnp.zeros((x.shape[0],))}
 
-    monkeypatch.setattr(pipeline, "_restore_shard", failing_shard)
+    monkeypatch.setattr(pipeline, "_whole_shard", failing_shard)
     out = tmp_path / "o"
     rc, err = _restore(capsys, "--task", "sr", "--scale", "2", "--solver", "ldps", "--steps",
                        STEPS, "--simulate", "--batch-size", "2", "--model", tiny_sd1_dir,

@@ -15,7 +15,7 @@ import p2l_jax
 from p2l_jax.errors import P2LError
 from p2l_jax.operators import Inpainting
 from p2l_jax.solvers import (DDIMConfig, OptimizerConfig, P2LConfig, PSLDConfig,
-                             compiled_programs, solve, split)
+                             compiled_programs, gradients_at, solve, split)
 
 STEPS = 3
 
@@ -100,3 +100,16 @@ def test_p2l_gamma_is_now_project_every():
     with pytest.raises(P2LError, match="project_every"):
         dataclasses.replace(P2LConfig(), gamma=4)
     assert PSLDConfig(gamma=0.01).gamma == 0.01  # PSLD's gamma is its loss weight
+
+
+def test_injected_adam_equals_a_users_optax_adam(problem):
+    """Adam with its numbers as arrays (inject_hyperparams) takes the same prompt step as the
+    optax transform given directly (structure, no injectable numbers)."""
+    model, op, y, keys = problem
+    z = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
+    C = np.broadcast_to(np.asarray(model.text_embeddings([""])), (2, 77, model.embedding_dim))
+    injected = P2LConfig(num_steps=STEPS, optimizer=OptimizerConfig(learning_rate=1e-2))
+    direct = dataclasses.replace(injected, optimizer=optax.adam(1e-2))
+    a, b = (gradients_at(model, op, y, z, C, 1, c) for c in (injected, direct))
+    np.testing.assert_allclose(a.C, b.C, rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(a.C) - C).max() > 1e-3  # the step moved C

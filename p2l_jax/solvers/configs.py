@@ -126,11 +126,11 @@ def build_optimizer(kind: Hashable, numbers: dict) -> optax.GradientTransformati
     """The optax transform of an optimizer's (kind, numbers): Adam and SGD through
     ``optax.inject_hyperparams``, so the numbers (arrays, traced or not) live in the
     optimizer state rather than in the compiled program; a user's transform as given."""
-    if kind == ("adam",):
-        return optax.inject_hyperparams(optax.adam)(**numbers)
-    if isinstance(kind, tuple) and kind[0] == "sgd":  # momentum absent: optax's static None
-        return optax.inject_hyperparams(optax.sgd)(**numbers)
-    return kind
+    if isinstance(kind, optax.GradientTransformation):
+        return kind
+    # sgd without momentum: optax's default momentum=None stays static
+    factory = {"adam": optax.adam, "sgd": optax.sgd}[kind[0]]
+    return optax.inject_hyperparams(factory)(**numbers)
 
 
 @dataclasses.dataclass(frozen=True)
