@@ -63,8 +63,6 @@ def files_to_copy(source: str | Path) -> list[tuple[Path, Path]]:
     """``(file, path relative to source)`` of every file ``convert`` copies (module
     docstring); raises :class:`P2LError` naming a link out of the folder, a link to a folder
     or a special file."""
-    from p2l_jax.model import CONVERTED_MARKER, NETWORKS
-
     root = Path(source).resolve()
     found: list[tuple[Path, Path]] = []
 

@@ -132,14 +132,14 @@ def test_write_failure_after_the_batch_is_one_line(capsys, tmp_path, tiny_sd1_di
     compiled; the failure is injected where a full disk would raise.)"""
     from p2l_jax import pipeline
 
-    def adjoint_shard(batch, model, operator, config, latent_size):
+    def adjoint_shard(batch, model, operator, inputs, structure, latent_shape):
         import jax.numpy as jnp
 
         x = operator.adjoint(batch["y"])
-        return {"images": x, "residual": jnp.zeros((x.shape[0], config.num_steps)),
+        return {"images": x, "residual": jnp.zeros((x.shape[0], structure.num_steps)),
                 "residual_final": jnp.zeros((x.shape[0],))}
 
-    monkeypatch.setattr(pipeline, "_restore_shard", adjoint_shard)
+    monkeypatch.setattr(pipeline, "_whole_shard", adjoint_shard)
     real_replace = os.replace
 
     def disk_full(src, dst):
