@@ -2,7 +2,8 @@
 against the untuned null prompt and the oracle (true caption) on held-out images.
 
     python -m benchmarks.prompt_objectives [--split test|validation] [--n N] [--steps S]
-        [--budgets 0.1 0.3 ...] [--quick] [--output DIR] [--results-md docs/RESULTS.md]
+        [--budgets 0.1 0.3 ...] [--objectives ...] [--prompt-draws M] [--quick]
+        [--output DIR] [--results-md docs/RESULTS.md]
 
 For ``n`` images of ``--split`` (:mod:`p2l_jax.data`), tasks box / random inpainting and SR x4
 (the tasks where the true caption helps, docs/RESULTS.md), sigma_y 0.05, every method runs
@@ -336,12 +337,15 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="+", type=float, default=None,
                    help=f"per-run movement budgets (default {PAPER_BUDGET}, the paper's)")
     p.add_argument("--objectives", nargs="+", default=None, choices=sorted(OBJECTIVES))
+    p.add_argument("--prompt-draws", type=int, default=None,
+                   help=f"M of renoised / marginal (default {P2LConfig.prompt_draws})")
     p.add_argument("--batch-size", type=int, default=None)
     args = p.parse_args(argv)
     over = dict(n=args.n, steps=args.steps, split=args.split,
                 tasks=args.tasks and tuple(args.tasks),
                 budgets=args.budgets and tuple(args.budgets),
-                objectives=args.objectives and tuple(args.objectives), batch_size=args.batch_size)
+                objectives=args.objectives and tuple(args.objectives), batch_size=args.batch_size,
+                prompt_draws=args.prompt_draws)
     cfg = dataclasses.replace(get_config(args.quick),
                               **{k: v for k, v in over.items() if v is not None})
     start = time.perf_counter()
