@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -24,3 +25,16 @@ def tiny_sd2_dir(tmp_path_factory) -> Path:
     from sd_fixtures import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd2"), layout="sd2", seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """After each test module, drop JAX's caches of compiled programs. One pytest process
+    compiles hundreds of XLA:CPU programs; kept alive, each keeps its JIT-compiled code mapped,
+    and a full run once crashed inside XLA's compiler late in the suite (2026-12-01), as if
+    memory maps ran out. Modules share their programs within themselves, not across."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
