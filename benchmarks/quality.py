@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from p2l_jax import data, metrics
+from p2l_jax.fingerprint import files_fingerprint
 from p2l_jax.imageio import atomic_path, write_json
 from p2l_jax.operators import TaskOptions, make_operator, noise_key
 from p2l_jax.parallel import image_keys
@@ -84,17 +85,11 @@ def load(model: str):
 def model_digest(model: str) -> str:
     """SHA-256 (first 16 hex digits) of a model directory's configs and weights, so records of
     a retrained model at the same path are never mistaken for the old model's."""
-    import hashlib
-
     from p2l_jax.model import embedded_model_dir
 
     root = embedded_model_dir() if model == EMBEDDED else Path(model)
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*")):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin") and \
-                f.name != "training_summary.json":
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
+    return files_fingerprint(root, lambda f: f.suffix in (".json", ".safetensors", ".bin")
+                             and f.name != "training_summary.json")
 
 
 def model_label(record: dict) -> str:

@@ -54,7 +54,6 @@ import contextlib
 import csv
 import glob
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -71,6 +70,7 @@ from p2l_jax.cli.degrade import add_task_options, task_options
 from p2l_jax.cli.inputs import Item, collect_inputs
 from p2l_jax.cli.solver_options import PRESETS, SOLVERS, default_steps_help, solver_config
 from p2l_jax.errors import P2LError
+from p2l_jax.fingerprint import digest, settings_fingerprint
 
 DEFAULT_SIGMA = 0.05
 
@@ -211,7 +211,7 @@ def _fingerprint(args, config) -> str:
                 "model": str(args.model.resolve()) if args.model else "embedded",
                 "dtype": args.dtype,
                 "task_options": dataclasses.asdict(task_options(args))}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_fingerprint(settings)
 
 
 def _done(job: Job, out: Path, fingerprint: str) -> bool:
@@ -399,8 +399,7 @@ def chunking(args, ids: list[str]) -> dict:
 
 def inflight_dir(out: Path, ids: list[str]) -> Path:
     """``OUTPUT/.inflight/<batch id>``: the batch id hashes the batch's identities."""
-    digest = hashlib.sha256("\0".join(ids).encode()).hexdigest()[:16]
-    return out / ".inflight" / digest
+    return out / ".inflight" / digest(["\0".join(ids).encode()])
 
 
 def _drop_inflight(out: Path, ids: list[str]) -> None:

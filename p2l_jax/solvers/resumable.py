@@ -14,7 +14,8 @@ equal the one-scan run up to XLA's fusion-dependent rounding (tests: <= 1e-5).
 Checkpoints (:class:`InflightStore`): after a chunk whose end is a multiple of
 ``checkpoint_every`` (and before the last), the carry's leaves are saved with an orbax
 ``CheckpointManager`` (atomic: written to a temporary folder, then renamed; one step kept)
-next to a JSON ``meta`` holding the step and a fingerprint of the run's identity (config,
+next to a JSON ``meta`` holding the step and a fingerprint
+(:func:`p2l_jax.fingerprint.tree_fingerprint`) of the run's identity (config,
 operator, y, keys, embeddings, latent shape, model path and dtype) and k. A rerun with the
 same fingerprint restores the carry and runs only the remaining chunks; a checkpoint with
 another fingerprint is ignored with a message and replaced as the run goes.
@@ -22,7 +23,6 @@ another fingerprint is ignored with a message and replaced as the run goes.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from p2l_jax.errors import P2LError
+from p2l_jax.fingerprint import tree_fingerprint
 from p2l_jax.solvers.program import Carry
 
 
@@ -46,24 +47,6 @@ class Programs(NamedTuple):
 
 
 # ------------------------------------------------------------------------ checkpoints
-def fingerprint(*parts) -> str:
-    """SHA-256 (16 hex digits) of pytrees of arrays (shape, dtype, bytes; PRNG keys by their
-    data) and other values (by ``repr``), in order."""
-    h = hashlib.sha256()
-    for part in parts:
-        leaves, treedef = jax.tree_util.tree_flatten(part)
-        h.update(str(treedef).encode())
-        for leaf in leaves:
-            if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-                if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-                    leaf = jax.random.key_data(leaf)
-                a = np.ascontiguousarray(np.asarray(leaf))
-                h.update(f"{a.shape}{a.dtype}".encode() + a.tobytes())
-            else:
-                h.update(repr(leaf).encode())
-    return h.hexdigest()[:16]
-
-
 def run_identity(model, operator, config, latent_shape, *arrays) -> tuple:
     """What determines a run's carry (with k): hashed into its checkpoint's fingerprint."""
     return (repr(config), tuple(latent_shape), str(model.path), str(model.dtype), operator,
@@ -148,7 +131,7 @@ def run(programs: Programs, num_steps: int, *, chunk_steps: int | None = None, o
     if chunk_steps is None and checkpoint is None and on_chunk is None:
         return programs.whole()
     k, every = check_chunking(num_steps, chunk_steps, checkpoint_every)
-    store = None if checkpoint is None else InflightStore(checkpoint, fingerprint(k, *identity))
+    store = None if checkpoint is None else InflightStore(checkpoint, tree_fingerprint(k, *identity))
     try:
         carry, done = programs.start(k), 0
         restored = store.load(carry) if store is not None else None
