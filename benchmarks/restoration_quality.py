@@ -56,7 +56,8 @@ import numpy as np
 from benchmarks import quality
 from p2l_jax import data, metrics
 from p2l_jax.operators import PINV_LAM
-from p2l_jax.solvers import GMLDPSConfig, LDPSConfig, OptimizerConfig, P2LConfig, PSLDConfig
+from p2l_jax.overrides import set_field
+from p2l_jax.solvers import GMLDPSConfig, LDPSConfig, P2LConfig, PSLDConfig
 
 NAME = "restoration_quality"
 METHODS = ("pseudo-inverse", "tikhonov", "ldps", "gml-dps", "psld", "p2l-no-prompt",
@@ -95,15 +96,14 @@ def get_config(quick: bool = False) -> RestorationConfig:
     return RestorationConfig()
 
 
+#: The harness settings' short names -> solver config fields (the rest are field names).
+SETTING_NAMES = {"learning_rate": "optimizer.learning_rate"}
+
+
 def apply_setting(config, name: str, value):
-    """``config`` with one tunable setting replaced (``learning_rate`` is the optimizer's)."""
-    if name == "learning_rate":
-        return dataclasses.replace(config, optimizer=dataclasses.replace(
-            config.optimizer if isinstance(config.optimizer, OptimizerConfig)
-            else OptimizerConfig(), learning_rate=float(value)))
-    if name in ("project_every", "num_steps"):
-        value = int(value)
-    return dataclasses.replace(config, **{name: value})
+    """``config`` with one tunable setting replaced (``learning_rate`` is the optimizer's),
+    by the library's override parser (:func:`p2l_jax.overrides.set_field`)."""
+    return set_field(config, SETTING_NAMES.get(name, name), value, option="settings")
 
 
 def resolve(base, settings):

@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import quality
-from benchmarks.restoration_quality import resolve
+from benchmarks.restoration_quality import SETTING_NAMES, resolve
 from p2l_jax import data
 from p2l_jax.errors import P2LError
+from p2l_jax.overrides import parse_values
 from p2l_jax.solvers import LDPSConfig, P2LConfig, compiled_programs, split
 from p2l_jax.solvers.sweep import sweep_configs
 
@@ -73,18 +74,18 @@ def get_config(quick: bool = False) -> TuneConfig:
     return TuneConfig()
 
 
-def parse_grid(items) -> tuple[tuple[str, tuple], ...] | None:
-    """``["rho=0.3,1", "lam=4"]`` -> (("rho", (0.3, 1.0)), ("lam", (4.0,))); None stays None."""
+def parse_grid(items, config, option: str) -> tuple[tuple[str, tuple], ...] | None:
+    """``["rho=0.3,1", "lam=4"]`` -> (("rho", (0.3, 1.0)), ("lam", (4.0,))), each value parsed
+    as ``config``'s field by the library's override parser; None stays None."""
     if items is None:
         return None
     grid = []
     for item in items:
-        name, _, values = item.partition("=")
-        if name not in TUNABLE or not values:
-            raise SystemExit(f"grid entry {item!r}: expected NAME=V1,V2 with NAME one of "
-                             f"{', '.join(TUNABLE)}")
-        cast = int if name in ("project_every", "num_steps") else float
-        grid.append((name, tuple(cast(v) for v in values.split(","))))
+        name, values = parse_values(config, item, option=option, names=SETTING_NAMES)
+        if name not in TUNABLE:
+            raise P2LError(f"{option} {item!r}: {name} is not a tuned setting; one of "
+                           f"{', '.join(TUNABLE)}")
+        grid.append((name, values))
     return tuple(grid)
 
 
@@ -226,10 +227,11 @@ def main(argv=None) -> int:
                    help="replace LDPS's sweep axes (none given: no LDPS sweep)")
     args = p.parse_args(argv)
     cfg = get_config(args.quick)
+    grids = dict(p2l_grid=parse_grid(args.p2l_grid, P2LConfig(), "--p2l-grid"),
+                 ldps_grid=parse_grid(args.ldps_grid, LDPSConfig(), "--ldps-grid"))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in dict(
         n=args.n, tasks=args.tasks and tuple(args.tasks), steps=args.steps,
-        metric=args.metric, p2l_grid=parse_grid(args.p2l_grid),
-        ldps_grid=parse_grid(args.ldps_grid)).items() if v is not None})
+        metric=args.metric, **grids).items() if v is not None})
 
     start = time.perf_counter()
     model = quality.setup(args)

@@ -34,7 +34,6 @@ runs all P points on its images.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from p2l_jax.errors import P2LError
+from p2l_jax.overrides import set_fields
 from p2l_jax.solvers import program
 from p2l_jax.solvers.configs import INPUTS, Structure, split
 from p2l_jax.solvers.driver import prepare
@@ -75,17 +75,10 @@ def grid_points(grid) -> list[dict[str, Any]]:
 
 
 def with_values(config, point: Mapping[str, Any]):
-    """``config`` with each ``name`` (or ``optimizer.name``) of ``point`` replaced."""
-    for name, value in point.items():
-        head, _, rest = name.partition(".")
-        fields = {f.name for f in dataclasses.fields(config)}
-        if head not in fields:
-            raise P2LError(f"option grid: {name!r} is not an option of "
-                           f"{type(config).__name__}; options: {', '.join(sorted(fields))}")
-        if rest:
-            value = with_values(getattr(config, head), {rest: value})
-        config = dataclasses.replace(config, **{head: value})
-    return config
+    """``config`` with each ``name`` (or ``optimizer.name``) of ``point`` set by the library's
+    override parser (:func:`p2l_jax.overrides.set_fields`: text parsed, numbers converted to
+    the field's type, P2LError naming an unknown field or a refused value)."""
+    return set_fields(config, point, option="option grid")
 
 
 def stack(configs: Sequence) -> tuple[Structure, Any, tuple[bool, ...]]:
