@@ -55,7 +55,7 @@ from benchmarks import quality
 from benchmarks import restoration_quality as rq
 from p2l_jax import data, metrics
 from p2l_jax.data.checker import CHECKER
-from p2l_jax.imageio import atomic_path, write_npy
+from p2l_jax.imageio import write_npy, write_png
 from p2l_jax.solvers import solve
 from p2l_jax.solvers.dps import DPSConfig
 
@@ -351,10 +351,7 @@ def write_grid(path: Path, grids: dict, methods) -> None:
         return
     columns = ["truth", "y", *[m for m in methods if m in next(iter(grids.values()))[2]]]
     picture = grid_mod.labelled(quality.tile(rows, 2), columns, names, rows[0][0].shape[0], 2, 1)
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(picture).save(tmp, format="PNG")
+    write_png(path, picture)
 
 
 def _readme_grid_module():

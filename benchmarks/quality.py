@@ -33,7 +33,7 @@ import numpy as np
 
 from p2l_jax import data, metrics
 from p2l_jax.fingerprint import files_fingerprint
-from p2l_jax.imageio import atomic_path, write_json
+from p2l_jax.imageio import write_json, write_text
 from p2l_jax.operators import TaskOptions, make_operator, noise_key
 from p2l_jax.parallel import image_keys
 from p2l_jax.pipeline import measure_each
@@ -300,8 +300,7 @@ def write_outputs(output: Path, name: str, record: dict, markdown: str,
     output.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output / f"{name}.json", output / f"{name}.md"
     write_json(json_path, plain(record))
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(markdown, encoding="utf-8")
+    write_text(md_path, markdown)
     if results_md is not None:
         update_section(results_md, name, markdown)
     print(markdown)
@@ -318,8 +317,7 @@ def update_section(path: Path, name: str, markdown: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else \
         text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 class Journal:

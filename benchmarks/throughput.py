@@ -441,16 +441,18 @@ def main(args) -> int:
     if cfg.compile_only:
         print(json.dumps({"compile_s": record["compile_s"]}))
         return 0
+    from p2l_jax.imageio import write_text  # jax is imported only once the flags are set
+
     row = markdown_row(record)
     print(MARKDOWN_HEADER)
     print(row)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2, default=str))
-    if args.markdown:
-        new = not args.markdown.exists()
-        with args.markdown.open("a") as fh:
-            fh.write((MARKDOWN_HEADER + "\n" if new else "") + row + "\n")
+        write_text(args.json, json.dumps(record, indent=2, default=str))
+    if args.markdown:  # one more row: the file is rewritten whole, atomically
+        old = (args.markdown.read_text(encoding="utf-8") if args.markdown.exists()
+               else MARKDOWN_HEADER + "\n")
+        write_text(args.markdown, old + row + "\n")
     return 0
 
 

@@ -167,14 +167,15 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` image in [-1, 1] as 8-bit PNG."""
+    """Write an ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` image in [-1, 1] as 8-bit PNG (a
+    ``uint8`` array is written as it is: pictures already in 0..255)."""
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
         raise P2LError(f"{path}: cannot write an image of shape {np.shape(image)} as PNG")
     with atomic_path(path) as tmp:
-        Image.fromarray(to_uint8(arr)).save(tmp, format="PNG")
+        Image.fromarray(arr if arr.dtype == np.uint8 else to_uint8(arr)).save(tmp, format="PNG")
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -184,11 +185,15 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(f, np.asarray(array), allow_pickle=False)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` as UTF-8."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_json(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Write ``record`` as indented JSON (strict: no NaN/inf)."""
-    text = json.dumps(record, indent=2, allow_nan=False)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
+    write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

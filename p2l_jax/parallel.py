@@ -39,6 +39,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from p2l_jax.errors import P2LError
+from p2l_jax.imageio import write_json
 
 DATA_AXIS = "data"
 MODES = ("shard_map", "pmap")
@@ -276,15 +277,6 @@ def my_share(items: Sequence, index: int | None = None, count: int | None = None
     return list(items)[index::count]
 
 
-def _write_json_atomic(path: str, payload) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _marker_paths(directory: str, name: str, count: int) -> list[str]:
     return [os.path.join(directory, f".{name}.process-{i}-of-{count}.json") for i in range(count)]
 
@@ -315,7 +307,7 @@ def gather_via_files(directory: str, name: str, payload, *, index: int | None = 
     if count == 1:
         return [payload]
     paths = _marker_paths(directory, name, count)
-    _write_json_atomic(paths[index], payload)
+    write_json(paths[index], payload)
     if index != 0:
         return None
     deadline = time.monotonic() + timeout_s

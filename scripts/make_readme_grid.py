@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import quality  # noqa: E402
 from benchmarks.restoration_quality import RestorationConfig, method_config, restore  # noqa: E402
 from p2l_jax import data, metrics  # noqa: E402
-from p2l_jax.imageio import atomic_path, to_uint8, write_json  # noqa: E402
+from p2l_jax.imageio import to_uint8, write_json, write_png  # noqa: E402
 
 NAME = "restoration_grid"
 DEFAULT_METHODS = ("pseudo-inverse", "ldps", "psld", "p2l")
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
     names = [r["task"] for r in rows]
     picture = labelled(quality.tile(tiles, pad), columns, names, S, pad, args.zoom)
     args.output.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.output / f"{NAME}.png") as tmp:
-        Image.fromarray(picture).save(tmp, format="PNG")
+    write_png(args.output / f"{NAME}.png", picture)
     write_json(args.output / f"{NAME}.json", quality.plain({
         "command": " ".join(["python scripts/make_readme_grid.py",
                              *(sys.argv[1:] if argv is None else argv)]),

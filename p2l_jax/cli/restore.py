@@ -280,8 +280,7 @@ def _write_summary(out: Path, jobs: list[Job], fingerprint: str) -> dict:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
-    with imageio.atomic_path(out / "summary.csv") as tmp:
-        tmp.write_text(buf.getvalue())
+    imageio.write_text(out / "summary.csv", buf.getvalue())
     return summary
 
 
