@@ -1,9 +1,10 @@
 """Compile time and per-step time of each solver and gradient variant on a model.
 
-    python -m benchmarks.solver_step_times --model DIR [--steps 5] [--batch 1] [--only p2l:full ...]
+    python -m benchmarks.solver_step_times [--model DIR] [--steps 5] [--batch 1] [--only p2l:full ...]
 
-Without --model a tiny random SD 1.x checkpoint is written to a temporary directory (needs
-diffusers/torch, as the tests). Compile time = first call - second call (the second call runs
+Without --model: the test-sized SD 1.x layout with random parameters
+(:func:`p2l_jax.random_model.random_model` ``"tiny"``, the layout of the tests' tiny
+checkpoint; no file is written, no torch needed). Compile time = first call - second call (the second call runs
 the same compiled program); per-step time = second call / steps. Prints a markdown table.
 """
 
@@ -11,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +46,10 @@ def main(argv=None) -> int:
     from p2l_jax.operators import Inpainting
     from p2l_jax.solvers import DDIMConfig, solve
 
-    model_dir = args.model
-    if model_dir is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from sd_fixtures import make_tiny_sd
+    from p2l_jax.random_model import random_model
 
-        model_dir = make_tiny_sd(Path(tempfile.mkdtemp()) / "tiny_sd1")
-    model = p2l_jax.load_model(model_dir)
+    model_dir = args.model or "random tiny"
+    model = p2l_jax.load_model(args.model) if args.model else random_model("tiny")
     size = model.image_size
     mask = np.ones((size, size), np.float32)
     mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0

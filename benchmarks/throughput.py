@@ -1,7 +1,7 @@
 """Throughput of the compiled solver, side by side with the PyTorch reference step.
 
     python -m benchmarks.throughput --model sd15 --resolution 128 --steps 3 --dtype bfloat16
-    p2l-jax bench ...                      (the same options)
+    python -m p2l_jax bench ...            (the same options, from the repository root)
 
 For one configuration (model, resolution, batch, steps, solver, gradient variant, dtype,
 attention implementation, remat, convolution form) it measures, in one process:
@@ -23,7 +23,7 @@ attention implementation, remat, convolution form) it measures, in one process:
 * ``peak_memory`` (device peak, or the process RSS high-water mark on CPU, read after the
   JAX programs ran and before torch is loaded) and XLA's planned buffers of the solve and of
   the step (``xla_memory``, ``xla_memory_step``);
-* ``torch``: the reference P2L step (tests/torch_reference.py) on the same weights and batch,
+* ``torch``: the reference P2L step (benchmarks/torch_reference.py) on the same weights and batch,
   without and (solvers that project) with projection, eager and torch.compile;
   ``jax_over_torch`` = JAX isolated step / torch step and ``jax_over_torch_solve`` = JAX
   per-step time inside the solve / torch step, without and with projection (< 1: JAX faster).

@@ -1,4 +1,4 @@
-"""The PyTorch reference P2L step (tests/torch_reference.py) on the same weights, timed.
+"""The PyTorch reference P2L step (benchmarks/torch_reference.py) on the same weights, timed.
 
 The diffusers UNet and VAE are built from the same ``config.json`` dicts as the JAX model and
 filled with the JAX parameters (``p2l_jax.weights.state_to_torch``), so both sides run the same
@@ -14,19 +14,13 @@ torch is imported here only, lazily: runtime code under p2l_jax never imports it
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
 TORCH_MODES = ("eager", "compile")
-_TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
 def _reference():
-    if str(_TESTS) not in sys.path:
-        sys.path.insert(0, str(_TESTS))
-    import torch_reference
+    from benchmarks import torch_reference  # torch is imported only when a torch row runs
 
     return torch_reference
 

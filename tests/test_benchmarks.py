@@ -4,12 +4,8 @@ count equals torch's FLOP counter on the same architecture. No timing thresholds
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def test_analytic_forward_flops_equal_torch_flop_counter():

@@ -4,16 +4,12 @@ answer, and the three probes end to end on the tiny random checkpoint."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import position_probe as probe  # noqa: E402
-from benchmarks import quality  # noqa: E402
+from benchmarks import position_probe as probe
+from benchmarks import quality
 
 
 def test_pooled_features_are_cell_means_of_z_and_z_squared():

@@ -5,16 +5,12 @@ agrees with its own per-image scores and whose rerun takes every piece from the 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import prompt_objectives as po  # noqa: E402
-from benchmarks import quality  # noqa: E402
+from benchmarks import prompt_objectives as po
+from benchmarks import quality
 
 
 def test_methods_map_to_their_prompt_settings():

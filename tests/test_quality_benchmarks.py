@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import quality  # noqa: E402
-from p2l_jax.solvers.configs import DEFAULT_RHO  # noqa: E402
+from benchmarks import quality
+from p2l_jax.solvers.configs import DEFAULT_RHO
 
 TASK = "inpaint-box"
 

@@ -1,5 +1,5 @@
 """p2l_jax.solvers on the tiny random SD 1.x checkpoint: parity with the plain PyTorch
-reference (tests/torch_reference.py), batch independence, determinism, compile reuse, prompt
+reference (benchmarks/torch_reference.py), batch independence, determinism, compile reuse, prompt
 tuning, gradient variants. Compiled programs are shared between tests (module fixtures)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from p2l_jax.solvers.common import initial_latents, step_noise
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-import torch_reference as ref  # noqa: E402
+from benchmarks import torch_reference as ref  # noqa: E402
 from sd_fixtures import box_inpainting_problem  # noqa: E402
 
 STEPS = 5

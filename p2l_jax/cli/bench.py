@@ -2,34 +2,48 @@
 
 A thin entry to :mod:`benchmarks.throughput` (same options; see its docstring). The benchmark
 lives in the source checkout's ``benchmarks/`` folder, not in the installed package, and it
-imports torch (a test and benchmark dependency only), so it is loaded on demand.
+imports torch (a test and benchmark dependency only). The command uses it when it is
+importable as it stands (``python -m p2l_jax bench`` from the repository root, or the root on
+``PYTHONPATH``); the package never adds the checkout to ``sys.path`` itself. Otherwise the
+command says so in one line (exit 2).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 from p2l_jax.errors import P2LError
 
-_CHECKOUT = Path(__file__).resolve().parents[2]
+#: What to do without the benchmark: the message of the one-line error.
+NOT_FOUND = ("needs the source checkout's benchmarks/ package on the import path: run "
+             "`python -m p2l_jax bench ...` or `python -m benchmarks.throughput ...` from the "
+             "repository root (or put the root on PYTHONPATH)")
 
 
 def _throughput():
+    """(:mod:`benchmarks.throughput`, None), or (None, why not) when it cannot be imported;
+    other commands keep working either way."""
     try:
-        return importlib.import_module("benchmarks.throughput")
-    except ModuleNotFoundError:
-        if (_CHECKOUT / "benchmarks" / "throughput.py").is_file():
-            sys.path.insert(0, str(_CHECKOUT))
-            return importlib.import_module("benchmarks.throughput")
-        raise P2LError("p2l-jax bench needs the source checkout's benchmarks/ folder "
-                       "(run it from a clone of the repository)") from None
+        return importlib.import_module("benchmarks.throughput"), None
+    except ModuleNotFoundError as err:
+        if err.name in ("benchmarks", "benchmarks.throughput"):
+            return None, NOT_FOUND
+        return None, f"needs the module {err.name!r}, which is not installed"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="throughput benchmark (JAX vs the PyTorch reference)",
-                              description=__doc__.split("\n\n")[0])
-    if (_CHECKOUT / "benchmarks" / "throughput.py").is_file():
-        _throughput().add_arguments(p)
-    p.set_defaults(func=lambda args: _throughput().main(args))
+    throughput, problem = _throughput()
+    about = dict(help="throughput benchmark (JAX vs the PyTorch reference)",
+                 description=__doc__.split("\n\n")[0])
+    if throughput is None:
+        def missing(args) -> int:
+            raise P2LError(problem)
+
+        # no option is known here: take every word as is, so the error is ours, not argparse's
+        p = subparsers.add_parser("bench", prefix_chars="\0", **about)
+        p.add_argument("options", nargs="*")
+        p.set_defaults(func=missing)
+        return
+    p = subparsers.add_parser("bench", **about)
+    throughput.add_arguments(p)
+    p.set_defaults(func=throughput.main)
