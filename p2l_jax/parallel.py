@@ -66,6 +66,13 @@ def image_keys(seed: int, identities: Sequence[str]) -> jax.Array:
     return jnp.stack([image_key(seed, s) for s in identities])
 
 
+def index_identities(indices) -> list[str]:
+    """The identities of dataset items known by their index: ``str(i)`` (``"7"``), so item
+    i's keys are ``image_key(seed, str(i))`` and its measurement noise ``noise_key(seed,
+    str(i))``, wherever it lands (the benchmark harnesses' rule)."""
+    return [str(int(i)) for i in np.asarray(indices).reshape(-1)]
+
+
 # ----------------------------------------------------------------------------------- mesh
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis ``data`` over ``devices`` (default: this process's local devices).
@@ -173,6 +180,10 @@ class ShardedBatchFn:
             self._compiled = jax.pmap(per_shard, axis_name=DATA_AXIS, in_axes=(0, None),
                                       static_broadcasted_argnums=(2,), devices=self.devices)
 
+    def compiled_programs(self) -> int:
+        """How many programs this function has compiled (one per batch shape and statics)."""
+        return self._compiled._cache_size()
+
     def __call__(self, batched, *shared, pad_to: int | None = None):
         """Run on ``batched`` (any B); ``pad_to`` pads small batches up to that size too, so
         a run whose last batch is short compiles nothing new."""
@@ -191,6 +202,29 @@ class ShardedBatchFn:
             out = self._compiled(stacked, dynamic, static)
             out = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
         return jax.tree.map(lambda x: x[:size], out)
+
+
+def map_batches(fn: Callable, batch_size: int, *arrays) -> tuple[Any, dict]:
+    """``fn(*batch_arrays)`` over the rows of ``arrays`` in batches of ``batch_size``, the last
+    one padded by repeating its final row, so every call has one shape: one compiled program.
+    Returns the outputs (a pytree of numpy arrays with the leading axis cut back to the
+    number of rows; padding dropped) and the timing: ``first_s`` (includes compilation),
+    ``steady_s_per_item`` (later batches; None with a single batch), ``batches``,
+    ``batch_size``."""
+    n = len(arrays[0])
+    outputs, times = [], []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        pad = batch_size - (stop - start)
+        chunk = [np.concatenate([a[start:stop]] + [a[stop - 1:stop]] * pad) for a in arrays]
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*chunk))
+        times.append(time.perf_counter() - t0)
+        outputs.append(jax.tree_util.tree_map(lambda v: np.asarray(v)[:stop - start], out))
+    merged = jax.tree_util.tree_map(lambda *vs: np.concatenate(vs), *outputs)
+    steady = sum(times[1:]) / ((len(times) - 1) * batch_size) if len(times) > 1 else None
+    return merged, {"first_s": times[0], "steady_s_per_item": steady, "batches": len(times),
+                    "batch_size": batch_size}
 
 
 def shard_batch(fn: Callable, mode: str = "shard_map",

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,15 +67,22 @@ def config_record(config) -> dict[str, Any]:
 # Per-device bodies of the solver's programs (p2l_jax.solvers.program): the whole run, and
 # start / advance k steps / finish for the chunked runner. ``inputs`` = (C0, C_neg, settings)
 # are replicated arrays, ``structure`` is static; every image is solved with its own key, so
-# image i is independent of the rest of its shard. The carry is batch-leading, so it travels
+# image i is independent of the rest of its shard. Per-image embeddings travel in the batch
+# as ``batch["C0"]`` (then ``inputs``' C0 is None). The carry is batch-leading, so it travels
 # through the sharded calls like the images (padding rows copy a real image's).
+def _start_inputs(batch, inputs):
+    C0, C_neg, settings = inputs
+    return (batch["C0"] if "C0" in batch else C0), C_neg, settings
+
+
 def _whole_shard(batch, model, operator, inputs, structure, latent_shape):
-    return _outputs(program.run_whole(model, operator, batch["y"], batch["key"], *inputs,
-                                      structure=structure, latent_shape=latent_shape))
+    return _outputs(program.run_whole(model, operator, batch["y"], batch["key"],
+                                      *_start_inputs(batch, inputs), structure=structure,
+                                      latent_shape=latent_shape))
 
 
 def _start_shard(batch, model, operator, inputs, structure, latent_shape, k):
-    return program.start(model, operator, batch["y"], batch["key"], *inputs,
+    return program.start(model, operator, batch["y"], batch["key"], *_start_inputs(batch, inputs),
                          structure=structure, latent_shape=latent_shape, k=k)
 
 
@@ -99,6 +106,52 @@ def _outputs(result):
 def measure_each(operator, x, keys, sigma):
     """``y_i = A x_i + sigma n_i`` with each image's own noise key ``keys[i]``."""
     return jax.vmap(lambda xi, k: operator.measure(xi[None], k, sigma)[0])(x, keys)
+
+
+def measure(operator, images, identities: Sequence[str], seed: int, sigma: float) -> jax.Array:
+    """``y_i = A x_i + sigma n_i`` with ``n_i`` drawn from ``noise_key(seed, identities[i])``:
+    the noise of an image depends on its identity only (module docstring)."""
+    keys = jnp.stack([noise_key(seed, s) for s in identities])
+    return measure_each(operator, jnp.asarray(images, jnp.float32), keys, jnp.float32(sigma))
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One item of a dataset for :meth:`P2LPipeline.run_dataset`: its ``identity`` (the key
+    rule's input: a file stem, or ``str(index)``), its ground-truth ``image`` (H, W, 3) or its
+    ``measurement`` y, and optionally its own ``prompt`` or text ``embedding`` (L, d).
+    Mappings with these keys are accepted too."""
+
+    identity: str
+    image: Any = None
+    measurement: Any = None
+    prompt: str | None = None
+    embedding: Any = None
+
+
+def _example(item) -> Example:
+    if isinstance(item, Example):
+        return item
+    if isinstance(item, Mapping):
+        return Example(**item)
+    raise P2LError(f"dataset item {item!r}: expected an Example or a mapping with 'identity' "
+                   "and 'image' or 'measurement'")
+
+
+#: What an Example may carry besides its identity: all items of a dataset, or none, have each.
+_FIELDS = ("image", "measurement", "prompt", "embedding")
+
+
+def _present(items: list[Example]) -> set[str]:
+    """The fields every item has (P2LError naming an item without a field others have)."""
+    present = set()
+    for field in _FIELDS:
+        missing = [e.identity for e in items if getattr(e, field) is None]
+        if len(missing) < len(items):
+            if missing:
+                raise P2LError(f"dataset item {missing[0]}: has no {field}, other items have one")
+            present.add(field)
+    return present
 
 
 @dataclasses.dataclass
@@ -131,6 +184,12 @@ class P2LPipeline:
     def num_devices(self) -> int:
         return self._whole.num_devices
 
+    def compiled_programs(self) -> int:
+        """How many sharded solver programs (whole, start, advance, finish) this pipeline's
+        layout has compiled in this process (one per batch shape and solver structure)."""
+        return sum(f.compiled_programs() for f in (self._whole, self._start, self._advance,
+                                                   self._finish))
+
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: ``f * 2^(L - 1)`` (module docstring)."""
@@ -149,10 +208,17 @@ class P2LPipeline:
     def __call__(self, images=None, measurements=None, *, operator, config, seed: int = 0,
                  identities: Sequence[str], sigma: float = 0.0,
                  image_size: tuple[int, int] | None = None,
+                 prompts: Sequence[str] | None = None, embeddings=None,
                  pad_to: int | None = None, chunk_steps: int | None = None, on_chunk=None,
                  checkpoint=None, checkpoint_every: int | None = None) -> PipelineOutput:
         """Restore one batch. Give ``images`` (ground truth: measured with noise ``sigma``,
         restored and scored) or ``measurements`` (restored; no quality metrics).
+
+        The starting text embedding C0: ``config.prompt``'s for the whole batch (default),
+        or per image, ``prompts`` (one text per image) or ``embeddings`` (B, L, d) (or
+        (1, L, d): one for all). Per-image embeddings are inputs of the same program (split
+        over the devices with the images): image i's result equals a run of image i alone
+        with its prompt as ``config.prompt``.
 
         ``image_size`` (H, W) of the restored images; default: the images' size, else the
         measurement's size when ``operator`` preserves it, else the model's native size.
@@ -174,8 +240,7 @@ class P2LPipeline:
                 raise P2LError(f"images must be (B, H, W, 3) with B = {len(identities)} "
                                f"identities, got {truth.shape}")
             operator.validate_shape(truth.shape)
-            noise = jnp.stack([noise_key(seed, s) for s in identities])
-            y = measure_each(operator, truth, noise, jnp.float32(sigma))
+            y = measure(operator, truth, identities, seed, sigma)
         else:
             y = jnp.asarray(measurements, jnp.float32)
             if y.ndim != 4 or y.shape[0] != len(identities):
@@ -193,13 +258,19 @@ class P2LPipeline:
             bad = [s for s, ok in zip(identities, finite) if not ok]
             raise P2LError(f"measurement of {bad[0]} contains NaN or inf")
         keys = image_keys(seed, identities)
-        p = prepare(self.model, operator, y, keys, config, latent_size=latent_size)
+        embedding = self._embeddings(prompts, embeddings, len(identities))
+        p = prepare(self.model, operator, y, keys, config, latent_size=latent_size,
+                    embedding=embedding)
+        # one embedding per image: batch-leading, sharded and padded like the images
+        per_image = embedding is not None and embedding.shape[0] == len(identities)
         shape_key = (max(y.shape[0], pad_to or 0), y.shape[1:], p.structure, self.parallel,
-                     jax.tree.structure(operator), id(self.model), chunk_steps)
+                     jax.tree.structure(operator), id(self.model), chunk_steps, per_image,
+                     tuple(p.C0.shape[1:]))
         compiled_now = shape_key not in _SEEN_PROGRAMS
         start = time.perf_counter()
-        batch = {"y": p.y, "key": p.keys}
-        shared = (self.model, operator, (p.C0, p.C_neg, p.settings), p.structure)
+        batch = {"y": p.y, "key": p.keys, **({"C0": p.C0} if per_image else {})}
+        shared = (self.model, operator, (None if per_image else p.C0, p.C_neg, p.settings),
+                  p.structure)
         # pmap refuses a carry left sharded over the mesh by its previous call: via the host
         host = jax.device_get if self.parallel == "pmap" else (lambda carry: carry)
         with_carry = lambda carry: {**batch, "carry": host(carry)}
@@ -212,7 +283,7 @@ class P2LPipeline:
         out = run(programs, config.num_steps, chunk_steps=chunk_steps, on_chunk=on_chunk,
                   checkpoint=checkpoint, checkpoint_every=checkpoint_every, keep_checkpoint=True,
                   identity=run_identity(self.model, operator, config, p.latent_shape, p.y,
-                                        p.keys))
+                                        p.keys, *(() if embedding is None else (p.C0,))))
         out = jax.block_until_ready(out)
         seconds = time.perf_counter() - start
         _SEEN_PROGRAMS.add(shape_key)
@@ -229,6 +300,8 @@ class P2LPipeline:
                         "value": np.asarray(keys[i]).tolist()},
                 "model": {"path": self.model.path, "dtype": jnp.dtype(self.model.dtype).name},
                 "config": config_record(config), "operator": operator.to_dict(),
+                "prompt": (config.prompt if embedding is None else
+                           None if prompts is None else prompts[i]),
                 "sigma": float(sigma) if truth is not None else None,
                 "image_size": list(restored.shape[1:3]),
                 "native_size": restored.shape[1] == restored.shape[2] == self.model.image_size,
@@ -242,6 +315,61 @@ class P2LPipeline:
                             {"psnr": None, "ssim": None, "lpips": None}),
             })
         return PipelineOutput(restored, np.asarray(y), records)
+
+    def _embeddings(self, prompts, embeddings, batch: int):
+        """C0 of ``prompts`` / ``embeddings`` (:meth:`__call__`), or None for the config's."""
+        if prompts is not None and embeddings is not None:
+            raise P2LError("give prompts= or embeddings=, not both")
+        if prompts is not None:
+            if isinstance(prompts, str) or len(prompts) != batch:
+                raise P2LError(f"prompts: expected one text per image ({batch}), got "
+                               f"{prompts!r:.80}")
+            return self.model.text_embeddings(list(prompts))
+        if embeddings is None:
+            return None
+        C = jnp.asarray(embeddings, jnp.float32)
+        if C.ndim != 3 or C.shape[0] not in (1, batch):
+            raise P2LError(f"embeddings: expected shape (1 or {batch}, L, d), got "
+                           f"{tuple(C.shape)}")
+        return C
+
+    def run_dataset(self, dataset: Iterable, *, batch_size: int, operator, config,
+                    seed: int = 0, sigma: float = 0.0, **options) -> PipelineOutput:
+        """Restore every item of ``dataset`` (:class:`Example` s or mappings, each with an
+        ``identity``; all with ``image`` or all with ``measurement``; all, or none, with a
+        ``prompt`` or an ``embedding``) in batches of ``batch_size``.
+
+        The last, short batch is padded to ``batch_size`` (copies of its last item, dropped
+        from the outputs), so every batch runs the same compiled program. Each item's keys
+        come from ``(seed, identity)`` (module docstring): its result does not depend on
+        ``batch_size`` or on its position. ``options`` are :meth:`__call__`'s (e.g.
+        ``image_size``, ``chunk_steps``). Returns the outputs of all items, in order."""
+        if batch_size <= 0:
+            raise P2LError(f"batch_size must be a positive integer, got {batch_size}")
+        items = [_example(item) for item in dataset]
+        if not items:
+            raise P2LError("dataset: no items")
+        ids = [e.identity for e in items]
+        if len(set(ids)) != len(ids):
+            twice = next(i for i in ids if ids.count(i) > 1)
+            raise P2LError(f"dataset: identity {twice!r} appears twice (identities derive "
+                           "each item's keys)")
+        present = _present(items)
+        column = lambda part, field: (None if field not in present else
+                                      [getattr(e, field) for e in part])
+        stacked = lambda part, field: (None if field not in present else
+                                       np.stack([np.asarray(v) for v in column(part, field)]))
+        outputs = []
+        for start in range(0, len(items), batch_size):
+            part = items[start:start + batch_size]
+            outputs.append(self(
+                stacked(part, "image"), stacked(part, "measurement"), operator=operator,
+                config=config, seed=seed, identities=[e.identity for e in part], sigma=sigma,
+                prompts=column(part, "prompt"), embeddings=stacked(part, "embedding"),
+                pad_to=batch_size, **options))
+        return PipelineOutput(np.concatenate([o.images for o in outputs]),
+                              np.concatenate([o.measurements for o in outputs]),
+                              [r for o in outputs for r in o.records])
 
 
 def _finite(v) -> float | None:
