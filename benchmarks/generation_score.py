@@ -29,7 +29,8 @@ import numpy as np
 from benchmarks import quality
 from p2l_jax import data
 from p2l_jax.imageio import write_png
-from p2l_jax.solvers import DDIMConfig
+from p2l_jax.parallel import map_batches
+from p2l_jax.solvers import DDIMConfig, solve
 
 TARGET = 0.8
 NAME = "generation_score"
@@ -51,7 +52,7 @@ def get_config(quick: bool = False) -> GenerationConfig:
     return GenerationConfig(n=16, batch_size=8) if quick else GenerationConfig()
 
 
-def generate(model, captions, ids, cfg: GenerationConfig, seed: int):
+def generate(model, captions, keys, cfg: GenerationConfig):
     """Generated images (n, S, S, 3) in [-1, 1] and the run's timing."""
     ddim = DDIMConfig(num_steps=cfg.steps, guidance_scale=cfg.guidance_scale)
     batch = min(cfg.batch_size, len(captions))
@@ -60,9 +61,10 @@ def generate(model, captions, ids, cfg: GenerationConfig, seed: int):
         model.text_embeddings([ddim.negative_prompt]), (batch,) + C.shape[1:])
 
     def fn(keys, C_batch):
-        return quality.solve_with_embeddings(model, None, None, keys, ddim, C_batch, C_neg).images
+        return solve(model, None, None, keys, ddim, embedding=C_batch,
+                     negative_embedding=C_neg).images
 
-    return quality.run_batched(fn, len(captions), batch, quality.sample_keys(seed, ids), C)
+    return map_batches(fn, batch, keys, C)
 
 
 def scores(images, captions) -> dict:
@@ -114,9 +116,9 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     model = quality.setup(args)
-    indices = data.split_indices(cfg.split, cfg.n)
-    truth, captions, _ = data.batch(indices, model.image_size)
-    images, timing = generate(model, captions, quality.identities(indices), cfg, args.seed)
+    imgs = quality.load_images(cfg.split, cfg.n, model.image_size, args.seed)
+    indices, truth, captions = imgs.indices, imgs.truth, imgs.captions
+    images, timing = generate(model, captions, imgs.keys, cfg)
     generated, reference = scores(images, captions), scores(truth, captions)
     missed = generated.pop("missed")
     reference.pop("missed")

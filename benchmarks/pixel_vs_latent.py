@@ -53,9 +53,10 @@ from scipy import ndimage
 
 from benchmarks import quality
 from benchmarks import restoration_quality as rq
-from p2l_jax import data, metrics
+from p2l_jax import metrics
 from p2l_jax.data.checker import CHECKER
 from p2l_jax.imageio import write_npy, write_png
+from p2l_jax.parallel import map_batches
 from p2l_jax.solvers import solve
 from p2l_jax.solvers.dps import DPSConfig
 
@@ -153,7 +154,7 @@ def restore(model, op, y, keys, config, size: int, batch: int):
     def fn(yb, kb, cb):
         return solve(model, op, yb, kb, config, embedding=cb, latent_size=(side, side)).images
 
-    return quality.run_batched(fn, len(y), batch, y, keys, C0)
+    return map_batches(fn, batch, y, keys, C0)
 
 
 @jax.jit
@@ -167,21 +168,18 @@ def choose_zeta(pixel, cfg: PixelVsLatentConfig, seed: int, done: dict, journal,
     if cfg.zeta is not None:
         return cfg.zeta, {}
     S = pixel.image_size
-    indices = data.split_indices("validation", cfg.tune_n)
-    truth, _, _ = data.batch(indices, S)
-    ids = quality.identities(indices)
-    keys = quality.sample_keys(seed, ids)
+    val = quality.load_images("validation", cfg.tune_n, S, seed)
     scores = {}
     for zeta in cfg.zeta_grid:
         for task in cfg.tune_tasks:
             key = ("tune", task, zeta)
             if key not in done:
                 op = quality.operator_for(task, S)
-                y = np.asarray(quality.measure(op, truth, ids, seed, 0.05))
-                images, _ = restore(pixel, op, y, keys, method_config(
+                y = val.measure(op, 0.05)
+                images, _ = restore(pixel, op, y, val.keys, method_config(
                     PIXEL_METHOD, task, cfg, zeta), S, min(cfg.batch_size, cfg.tune_n))
                 psnr = float(np.nanmean(np.asarray(metrics.psnr(
-                    jnp.asarray(images), jnp.asarray(truth)), np.float64)))
+                    jnp.asarray(images), jnp.asarray(val.truth)), np.float64)))
                 done[key] = {"kind": "tune", "task": task, "zeta": zeta, "psnr": psnr}
                 if journal is not None:
                     journal.append(done[key])
@@ -209,14 +207,12 @@ def run(latent, pixel, cfg: PixelVsLatentConfig, seed: int, log=print,
         parts += [("hires", S * cfg.hires_factor, cfg.hires_n, cfg.hires_tasks, cfg.sigmas)]
     cells, grids = [], {}
     for part, size, n, tasks, sigmas in parts:
-        indices = data.split_indices("test", n)
-        truth, captions, _ = data.batch(indices, size)
-        ids = quality.identities(indices)
-        keys = quality.sample_keys(seed, ids)
+        imgs = quality.load_images("test", n, size, seed)
+        truth, captions, keys = imgs.truth, imgs.captions, imgs.keys
         for task in tasks:
             op = quality.operator_for(task, size)
             for sigma in sigmas:
-                y = np.asarray(quality.measure(op, truth, ids, seed, sigma))
+                y = imgs.measure(op, sigma)
                 cells.append({"part": part, "size": size, "task": task, "sigma": sigma,
                               "method": REFERENCE, "scores": score(
                                   truth, truth, op, y, captions, cfg.bg_margin_px)})

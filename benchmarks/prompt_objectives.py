@@ -54,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import quality
-from p2l_jax import data
-from p2l_jax.solvers import OptimizerConfig, P2LConfig
+from p2l_jax.parallel import map_batches
+from p2l_jax.solvers import OptimizerConfig, P2LConfig, solve
 from p2l_jax.solvers.common import initial_latents
 from p2l_jax.solvers.configs import split
 from p2l_jax.solvers.program import make_problem, step_inputs
@@ -129,13 +129,13 @@ def restore_group(model, op, y, keys, configs, C0, batch: int):
     structure: one solve for a single config, else one lax.map sweep over their settings."""
     def fn(yb, kb, cb):
         if len(configs) == 1:
-            r = quality.solve_with_embeddings(model, op, yb, kb, configs[0], cb)
+            r = solve(model, op, yb, kb, configs[0], embedding=cb)
             return r.images[None], r.embedding[None]
         r = sweep_configs(model, op, yb, kb, configs, batched=False, embedding=cb)
         return r.images, r.embedding
 
     swap = lambda f: lambda *a: tuple(jnp.swapaxes(v, 0, 1) for v in f(*a))
-    (images, emb), timing = quality.run_batched(swap(fn), len(y), batch, y, keys, C0)
+    (images, emb), timing = map_batches(swap(fn), batch, y, keys, C0)
     return np.swapaxes(images, 0, 1), np.swapaxes(emb, 0, 1), timing
 
 
@@ -186,11 +186,9 @@ def run(model, cfg: ObjectiveBenchConfig, seed: int, log=print,
     """Every (task, method) cell and (task, objective) rank; finished ones come from the
     journal (``reused`` counts them)."""
     S = model.image_size
-    indices = data.split_indices(cfg.split, cfg.n)
-    truth, captions, _ = data.batch(indices, S)
-    ids = quality.identities(indices)
-    keys = quality.sample_keys(seed, ids)
-    C_null, C_true = quality.prompt_embeddings(model, captions)
+    imgs = quality.load_images(cfg.split, cfg.n, S, seed)
+    truth, captions, keys = imgs.truth, imgs.captions, imgs.keys
+    C_null, C_true = imgs.embeddings(model)
     batch = min(cfg.batch_size, cfg.n)
     done = {(r["task"], r["kind"], r["name"]): r
             for r in (journal.load() if journal is not None else [])}
@@ -199,7 +197,7 @@ def run(model, cfg: ObjectiveBenchConfig, seed: int, log=print,
     wanted = methods(cfg)
     for task in cfg.tasks:
         op = quality.operator_for(task, S)
-        y = np.asarray(quality.measure(op, truth, ids, seed, SIGMA))
+        y = imgs.measure(op, SIGMA)
         groups: dict = {}
         for m in wanted:
             if (task, "cell", m) not in done:
@@ -233,7 +231,7 @@ def run(model, cfg: ObjectiveBenchConfig, seed: int, log=print,
                 log(f"{task} caption ranks under {obj}: {rec['seconds']:.1f} s")
         cells += [done[(task, "cell", m)] for m in wanted]
         ranks += [done[(task, "rank", o)] for o in cfg.objectives]
-    return {"indices": [int(i) for i in indices], "captions": list(captions),
+    return {"indices": [int(i) for i in imgs.indices], "captions": list(captions),
             "cos_before": quality.cosine(C_null, C_true).tolist(), "cells": cells,
             "ranks": ranks, "reused": reused}
 

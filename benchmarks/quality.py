@@ -3,10 +3,12 @@ README grid): model loading, benchmark task settings, measuring and restoring a 
 images, per-image scores, 95% intervals and the JSON / markdown writers.
 
 Randomness per image depends only on ``(seed, identity)``, identity = the dataset index as a
-string, exactly as :class:`p2l_jax.pipeline.P2LPipeline` derives it: the measurement noise from
+string, through the library's one rule (:class:`Images`), exactly as
+:class:`p2l_jax.pipeline.P2LPipeline` derives it: the measurement noise from
 :func:`p2l_jax.operators.noise_key` and the sampler key from :func:`p2l_jax.parallel.image_key`.
 So every solver sees the same ``y`` and the same ``z_T`` for an image (paired comparisons), and
-an image's result does not depend on the batch it lands in.
+an image's result does not depend on the batch it lands in (batches of a fixed size:
+:func:`p2l_jax.parallel.map_batches`).
 
 Intervals: the Student-t 95% interval ``mean +- t_{0.975, n-1} s / sqrt(n)`` of the per-image
 values (of per-image differences for paired comparisons); accuracies use the Wilson 95% score
@@ -25,18 +27,17 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from p2l_jax import data, metrics
 from p2l_jax.fingerprint import files_fingerprint
 from p2l_jax.imageio import write_json, write_text
-from p2l_jax.operators import TaskOptions, make_operator, noise_key
-from p2l_jax.parallel import image_keys
-from p2l_jax.pipeline import measure_each
+from p2l_jax.operators import TaskOptions, make_operator
+from p2l_jax.parallel import image_keys, index_identities
+from p2l_jax.pipeline import measure
 
 #: The five benchmark tasks of issue 5 (``p2l_jax.operators.TASKS`` names).
 TASKS = ("sr", "gaussian-blur", "motion-blur", "inpaint-box", "inpaint-random")
@@ -145,54 +146,39 @@ def operator_for(task: str, image_size: int):
     return make_operator(task, (image_size, image_size), task_options(task, image_size))
 
 
-def identities(indices) -> list[str]:
-    return [str(int(i)) for i in np.asarray(indices).reshape(-1)]
+@dataclasses.dataclass(frozen=True)
+class Images:
+    """``n`` images of a dataset split (:mod:`p2l_jax.data`) at side ``size``, with what every
+    harness derives from them through the library: identities ``str(index)``
+    (:func:`p2l_jax.parallel.index_identities`), sampler keys from ``(seed, identity)``
+    (:func:`p2l_jax.parallel.image_keys`) and measurements with noise from ``(seed, identity)``
+    (:func:`p2l_jax.pipeline.measure`): the same y and z_T for every method (paired)."""
+
+    indices: np.ndarray
+    truth: np.ndarray
+    captions: list[str]
+    ids: list[str]
+    keys: np.ndarray
+    seed: int
+
+    def measure(self, operator, sigma: float) -> np.ndarray:
+        """``y_i = A x_i + sigma n_i`` of every image."""
+        return np.asarray(measure(operator, self.truth, self.ids, self.seed, sigma))
+
+    def embeddings(self, model) -> tuple[np.ndarray, np.ndarray]:
+        """(C_null broadcast to one row per image, C of each image's caption), each
+        (n, 77, d): the untuned start and the oracle's."""
+        C = np.asarray(model.text_embeddings([""]))
+        return np.broadcast_to(C, (len(self.captions),) + C.shape[1:]), np.asarray(
+            model.text_embeddings(list(self.captions)))
 
 
-def measure(operator, images, ids: Sequence[str], seed: int, sigma: float) -> jax.Array:
-    """``y_i = A x_i + sigma n_i``, ``n_i`` from ``noise_key(seed, id_i)`` (the pipeline's rule)."""
-    keys = jnp.stack([noise_key(seed, s) for s in ids])
-    return measure_each(operator, jnp.asarray(images, jnp.float32), keys, jnp.float32(sigma))
-
-
-# ---- running a solver over a padded, fixed-size batch -------------------------------
-def solve_with_embeddings(model, operator, y, keys, config, C0, C_neg=None):
-    """``p2l_jax.solvers.solve`` with a per-sample starting embedding ``C0`` (B, 77, d), so
-    per-image captions (generation, the oracle prompt) share one compiled program."""
-    from p2l_jax.solvers import solve
-
-    return solve(model, operator, y, keys, config, embedding=C0, negative_embedding=C_neg)
-
-
-def run_batched(fn: Callable, n: int, batch_size: int, *arrays) -> tuple[list, dict]:
-    """``fn(*batch_arrays)`` over batches of ``batch_size`` (the last one padded by repeating
-    its final row, so every call has one shape: one compiled program). Returns the outputs cut
-    back to ``n`` rows (a list of numpy pytrees per output) and timing: ``first_s`` (includes
-    compilation) and ``steady_s_per_item`` (later batches; None with a single batch)."""
-    outputs, times = [], []
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        pad = batch_size - (stop - start)
-        chunk = [np.concatenate([a[start:stop]] + [a[stop - 1:stop]] * pad) for a in arrays]
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*chunk))
-        times.append(time.perf_counter() - t0)
-        outputs.append(jax.tree_util.tree_map(lambda v: np.asarray(v)[:stop - start], out))
-    merged = jax.tree_util.tree_map(lambda *vs: np.concatenate(vs), *outputs)
-    steady = sum(times[1:]) / ((len(times) - 1) * batch_size) if len(times) > 1 else None
-    return merged, {"first_s": times[0], "steady_s_per_item": steady, "batches": len(times),
-                    "batch_size": batch_size}
-
-
-def prompt_embeddings(model, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(C_null broadcast to one row per caption, C of each caption), each (n, 77, d)."""
-    C = np.asarray(model.text_embeddings([""]))
-    return np.broadcast_to(C, (len(captions),) + C.shape[1:]), np.asarray(
-        model.text_embeddings(list(captions)))
-
-
-def sample_keys(seed: int, ids: Sequence[str]) -> np.ndarray:
-    return np.asarray(image_keys(seed, list(ids)))
+def load_images(split: str, n: int, size: int, seed: int) -> Images:
+    """The first ``n`` images of ``split`` at side ``size`` (:class:`Images`)."""
+    indices = data.split_indices(split, n)
+    truth, captions, _ = data.batch(indices, size)
+    ids = index_identities(indices)
+    return Images(indices, truth, list(captions), ids, np.asarray(image_keys(seed, ids)), seed)
 
 
 # ---- scores -------------------------------------------------------------------------

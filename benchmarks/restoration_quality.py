@@ -54,10 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import quality
-from p2l_jax import data, metrics
+from p2l_jax import metrics
 from p2l_jax.operators import PINV_LAM
+from p2l_jax.parallel import map_batches
 from p2l_jax.overrides import set_field
-from p2l_jax.solvers import GMLDPSConfig, LDPSConfig, P2LConfig, PSLDConfig
+from p2l_jax.solvers import GMLDPSConfig, LDPSConfig, P2LConfig, PSLDConfig, solve
 
 NAME = "restoration_quality"
 METHODS = ("pseudo-inverse", "tikhonov", "ldps", "gml-dps", "psld", "p2l-no-prompt",
@@ -139,11 +140,10 @@ def choose_tikhonov_lam(operator, sigma: float, n: int, seed: int, image_size: i
                         ) -> tuple[float, dict[float, float]]:
     """The :data:`TIKHONOV_GRID` weight with the best mean PSNR on the first ``n``
     validation-split images, measured as the test images are; returns it and every score."""
-    indices = data.split_indices("validation", n)
-    truth, _, _ = data.batch(indices, image_size)
-    y = quality.measure(operator, truth, quality.identities(indices), seed, sigma)
+    val = quality.load_images("validation", n, image_size, seed)
+    y = val.measure(operator, sigma)
     scores = {lam: float(np.nanmean(np.asarray(metrics.psnr(
-        _pseudo_inverse(operator, y, lam), jnp.asarray(truth)), np.float64)))
+        _pseudo_inverse(operator, y, lam), jnp.asarray(val.truth)), np.float64)))
         for lam in TIKHONOV_GRID}
     return max(scores, key=scores.get), scores
 
@@ -152,15 +152,15 @@ def restore(model, operator, y, keys, config, C0, batch_size: int, lam: float = 
     """Batched restoration: ``(images, embeddings or None, timing)``; ``config`` None runs
     the pseudo-inverse with weight ``lam``."""
     if config is None:
-        images, timing = quality.run_batched(lambda yb: _pseudo_inverse(operator, yb, lam),
-                                             len(y), batch_size, y)
+        images, timing = map_batches(lambda yb: _pseudo_inverse(operator, yb, lam), batch_size,
+                                     y)
         return images, None, timing
 
     def fn(yb, kb, cb):
-        result = quality.solve_with_embeddings(model, operator, yb, kb, config, cb)
+        result = solve(model, operator, yb, kb, config, embedding=cb)
         return result.images, result.embedding
 
-    (images, embedding), timing = quality.run_batched(fn, len(y), batch_size, y, keys, C0)
+    (images, embedding), timing = map_batches(fn, batch_size, y, keys, C0)
     return images, embedding, timing
 
 
@@ -178,18 +178,16 @@ def run(model, cfg: RestorationConfig, seed: int, log=print,
     With a ``journal``, each finished cell is appended to it and cells already in it are
     reused (``reused_cells`` counts them)."""
     S = model.image_size
-    indices = data.split_indices(cfg.split, cfg.n)
-    truth, captions, _ = data.batch(indices, S)
-    ids = quality.identities(indices)
-    keys = quality.sample_keys(seed, ids)
-    C_null, C_true = quality.prompt_embeddings(model, captions)
+    imgs = quality.load_images(cfg.split, cfg.n, S, seed)
+    truth, captions, keys = imgs.truth, imgs.captions, imgs.keys
+    C_null, C_true = imgs.embeddings(model)
     batch = min(cfg.batch_size, cfg.n)
     done = {(r["cell"]["task"], r["cell"]["sigma"], r["cell"]["method"]): r
             for r in (journal.load() if journal is not None else [])}
     cells, diagnostics = [], []
     for task in cfg.tasks:
         op = quality.operator_for(task, S)
-        ys = {s: np.asarray(quality.measure(op, truth, ids, seed, s)) for s in cfg.sigmas}
+        ys = {s: imgs.measure(op, s) for s in cfg.sigmas}
         for sigma in cfg.sigmas:
             cells.append({"task": task, "sigma": sigma, "method": REFERENCE, "config": None,
                           "scores": quality.score_images(truth, truth, op, ys[sigma], captions)})
@@ -223,7 +221,8 @@ def run(model, cfg: RestorationConfig, seed: int, log=print,
                 log(f"{task} sigma={sigma} {method}: PSNR "
                     f"{quality.fmt(quality.interval(entry['cell']['scores']['psnr']))} ({first})")
     reused = sum(k in done for k in ((c["task"], c["sigma"], c["method"]) for c in cells))
-    return {"indices": [int(i) for i in indices], "cells": cells, "diagnostics": diagnostics,
+    return {"indices": [int(i) for i in imgs.indices], "cells": cells,
+            "diagnostics": diagnostics,
             "reused_cells": reused}
 
 

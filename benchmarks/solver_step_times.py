@@ -1,11 +1,13 @@
 """Compile time and per-step time of each solver and gradient variant on a model.
 
-    python -m benchmarks.solver_step_times [--model DIR] [--steps 5] [--batch 1] [--only p2l:full ...]
+    python -m benchmarks.solver_step_times [--model DIR] [--steps 5] [--batch 1]
+        [--only p2l:full ...]
 
 Without --model: the test-sized SD 1.x layout with random parameters
 (:func:`p2l_jax.random_model.random_model` ``"tiny"``, the layout of the tests' tiny
-checkpoint; no file is written, no torch needed). Compile time = first call - second call (the second call runs
-the same compiled program); per-step time = second call / steps. Prints a markdown table.
+checkpoint; no file is written, no torch needed). Compile time = first call - second call
+(the second call runs the same compiled program); per-step time = second call / steps.
+Prints a markdown table.
 """
 
 from __future__ import annotations

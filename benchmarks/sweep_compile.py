@@ -30,15 +30,12 @@ LAM = (0.01, 0.1)
 
 def problem(n: int):
     from benchmarks import quality
-    from p2l_jax import data, load_model
+    from p2l_jax import load_model
 
     model = load_model()
-    indices = data.split_indices("validation", n)
-    truth, _, _ = data.batch(indices, model.image_size)
+    imgs = quality.load_images("validation", n, model.image_size, 0)
     op = quality.operator_for("inpaint-box", model.image_size)
-    ids = quality.identities(indices)
-    y = quality.measure(op, truth, ids, 0, 0.05)
-    return model, op, y, quality.sample_keys(0, ids)
+    return model, op, imgs.measure(op, 0.05), imgs.keys
 
 
 def run(mode: str, n: int, steps: int) -> tuple[dict, np.ndarray]:

@@ -38,9 +38,9 @@ import numpy as np
 
 from benchmarks import quality
 from benchmarks.restoration_quality import SETTING_NAMES, resolve
-from p2l_jax import data
 from p2l_jax.errors import P2LError
 from p2l_jax.overrides import parse_values
+from p2l_jax.parallel import map_batches
 from p2l_jax.solvers import LDPSConfig, P2LConfig, compiled_programs, split
 from p2l_jax.solvers.sweep import sweep_configs
 
@@ -103,15 +103,12 @@ class Evaluator:
         self.model, self.cfg, self.log = model, cfg, log
         self.journal = journal
         S = model.image_size
-        self.indices = data.split_indices(cfg.split, cfg.n)
-        indices = self.indices
-        self.truth, self.captions, _ = data.batch(indices, S)
-        ids = quality.identities(indices)
-        self.keys = quality.sample_keys(seed, ids)
-        self.C0 = quality.prompt_embeddings(model, self.captions)[0]
+        imgs = quality.load_images(cfg.split, cfg.n, S, seed)
+        self.indices, self.truth, self.captions, self.keys = (imgs.indices, imgs.truth,
+                                                              imgs.captions, imgs.keys)
+        self.C0 = imgs.embeddings(model)[0]
         self.ops = {t: quality.operator_for(t, S) for t in cfg.tasks}
-        self.ys = {t: np.asarray(quality.measure(op, self.truth, ids, seed, cfg.sigma))
-                   for t, op in self.ops.items()}
+        self.ys = {t: imgs.measure(op, cfg.sigma) for t, op in self.ops.items()}
         self.records: list[dict] = journal.load() if journal is not None else []
         self.swept: list[dict] = []   # this sweep's evaluations, each once, in call order
 
@@ -149,8 +146,7 @@ class Evaluator:
                 out = sweep_configs(self.model, op, yb, kb, configs, embedding=cb)
                 return jnp.moveaxis(out.images, 0, 1)   # (B, P, ...): batch-leading
 
-            images, _ = quality.run_batched(fn, self.cfg.n, batch, self.ys[task], self.keys,
-                                            self.C0)
+            images, _ = map_batches(fn, batch, self.ys[task], self.keys, self.C0)
             for p in range(P):
                 scores = quality.score_images(images[:, p], self.truth, op, self.ys[task],
                                               self.captions)

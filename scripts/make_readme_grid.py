@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import quality  # noqa: E402
 from benchmarks.restoration_quality import RestorationConfig, method_config, restore  # noqa: E402
-from p2l_jax import data, metrics  # noqa: E402
+from p2l_jax import metrics  # noqa: E402
 from p2l_jax.imageio import to_uint8, write_json, write_png  # noqa: E402
 
 NAME = "restoration_grid"
@@ -76,16 +76,14 @@ def main(argv=None) -> int:
     model = quality.setup(args)
     S = model.image_size
     cfg = RestorationConfig(n=args.images, steps=args.steps, tasks=tuple(args.tasks))
-    indices = data.split_indices("test", args.images)
-    truth, captions, _ = data.batch(indices, S)
-    ids = quality.identities(indices)
-    keys = quality.sample_keys(args.seed, ids)
-    C_null, C_true = quality.prompt_embeddings(model, captions)
+    imgs = quality.load_images("test", args.images, S, args.seed)
+    indices, truth, captions, keys = imgs.indices, imgs.truth, imgs.captions, imgs.keys
+    C_null, C_true = imgs.embeddings(model)
     columns = ["ground truth", "measurement", *args.methods]
     rows, tiles = [], []
     for task in args.tasks:
         op = quality.operator_for(task, S)
-        y = np.asarray(quality.measure(op, truth, ids, args.seed, args.sigma))
+        y = imgs.measure(op, args.sigma)
         out = {}
         for method in args.methods:
             config = method_config(method, task, cfg)

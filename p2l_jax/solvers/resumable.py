@@ -131,7 +131,8 @@ def run(programs: Programs, num_steps: int, *, chunk_steps: int | None = None, o
     if chunk_steps is None and checkpoint is None and on_chunk is None:
         return programs.whole()
     k, every = check_chunking(num_steps, chunk_steps, checkpoint_every)
-    store = None if checkpoint is None else InflightStore(checkpoint, tree_fingerprint(k, *identity))
+    store = (None if checkpoint is None
+             else InflightStore(checkpoint, tree_fingerprint(k, *identity)))
     try:
         carry, done = programs.start(k), 0
         restored = store.load(carry) if store is not None else None
