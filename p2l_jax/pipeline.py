@@ -39,7 +39,7 @@ import numpy as np
 from p2l_jax import metrics
 from p2l_jax.errors import P2LError
 from p2l_jax.model import load_model
-from p2l_jax.operators import noise_key
+from p2l_jax.operators import measurement_shape, noise_key
 from p2l_jax.parallel import image_keys, shard_batch
 from p2l_jax.solvers import program
 from p2l_jax.solvers.driver import prepare
@@ -248,8 +248,7 @@ class P2LPipeline:
                                f"{len(identities)} identities, got {y.shape}")
         hw = tuple(truth.shape[1:3]) if truth is not None else image_size
         if hw is None:
-            same = jax.eval_shape(operator.forward, jax.ShapeDtypeStruct(
-                (1, *y.shape[1:3], 3), jnp.float32)).shape[1:] == y.shape[1:]
+            same = measurement_shape(operator, (1, *y.shape[1:3], 3))[1:] == y.shape[1:]
             hw = tuple(y.shape[1:3]) if same else (self.model.image_size,) * 2
         self.check_size(hw, "images")
         latent_size = tuple(int(v) // self.model.vae_scale_factor for v in hw)

@@ -272,6 +272,28 @@ def test_tokenizer_without_torch_prints_nothing():
     assert "PyTorch was not found" not in proc.stderr and "a later warning" in proc.stderr
 
 
+def test_package_never_reaches_into_the_checkout(tmp_path):
+    """With only the package importable (no benchmarks/ on the path, as after a plain
+    install): building the CLI imports neither torch nor benchmarks, and ``p2l-jax bench``
+    is a one-line error saying how to run it (exit 2), whatever its options."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "p2l_jax").symlink_to(ROOT / "p2l_jax")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "JAX_PLATFORMS": "cpu"}
+    run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                                       cwd=tmp_path, env=env, timeout=120)
+    code = ("import sys, p2l_jax, p2l_jax.pipeline, p2l_jax.cli\n"
+            "p2l_jax.cli.build_parser()\n"
+            "print(p2l_jax.__file__)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'benchmarks'}))")
+    proc = run("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "site" / "p2l_jax" / "__init__.py"), "[]"]
+    proc = run("-m", "p2l_jax", "bench", "--steps", "2")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("p2l-jax bench: error: needs the source checkout's benchmarks/")
+
+
 def test_restore_names_an_allow_pickle_option_it_has(capsys, tmp_path, tiny_sd1_dir):
     import shutil
 

@@ -138,22 +138,45 @@ def test_output_names_stay_inside_and_collisions_refused(capsys, tmp_path):
     assert "a_b.png: would be overwritten by an output" in msg
 
 
+def _adjoint_shard(fail_first: bool):
+    """A stand-in for the sampler's shard (compiles no sampler): A^T y, scaled; with
+    ``fail_first`` the first row of each shard turns NaN."""
+    import jax.numpy as jnp
+
+    def shard(batch, model, operator, inputs, structure, latent_shape):
+        x = operator.adjoint(batch["y"]) * 4.0
+        x = x.at[0].set(jnp.nan) if fail_first else x
+        return {"images": x, "residual": jnp.zeros((x.shape[0], structure.num_steps)),
+                "residual_final": jnp.zeros((x.shape[0],))}
+
+    return shard
+
+
+def test_each_input_is_read_once(capsys, gt_dir, tmp_path, tiny_sd1_dir, monkeypatch):
+    """Planning reads and checks every input; the batches use those arrays, not a second
+    read (3 images, batches of 2)."""
+    from p2l_jax import imageio, pipeline
+
+    monkeypatch.setattr(pipeline, "_whole_shard", _adjoint_shard(fail_first=False))
+    reads, real = [], imageio.read_image
+    monkeypatch.setattr(imageio, "read_image",
+                        lambda path: reads.append(Path(path).name) or real(path))
+    rc, err = _restore(capsys, "--task", "sr", "--scale", "2", "--solver", "ldps", "--steps",
+                       STEPS, "--simulate", "--batch-size", "2", "--model", tiny_sd1_dir,
+                       "--input", gt_dir, "--output", tmp_path / "o")
+    assert rc == 0, err
+    assert sorted(reads) == ["img0.png", "img1.png", "img2.png"]
+    assert len(list((tmp_path / "o").glob("img*.png"))) == 3
+
+
 def test_non_finite_result_reported_per_image(capsys, gt_dir, tmp_path, tiny_sd1_dir,
                                               monkeypatch):
     """A sample that turns NaN gets a record with status non-finite and no PNG; the others
     are written; exit 1. (The solver is replaced by one that fails on the first row of each
     shard, so the reporting path is tested without compiling a sampler.)"""
-    import jax.numpy as jnp
-
     from p2l_jax import pipeline
 
-    def failing_shard(batch, model, operator, inputs, structure, latent_shape):
-        x = operator.adjoint(batch["y"]) * 4.0
-        x = x.at[0].set(jnp.nan)
-        return {"images": x, "residual": jnp.zeros((x.shape[0], structure.num_steps)),
-                "residual_final": jnp.zeros((x.shape[0],))}
-
-    monkeypatch.setattr(pipeline, "_whole_shard", failing_shard)
+    monkeypatch.setattr(pipeline, "_whole_shard", _adjoint_shard(fail_first=True))
     out = tmp_path / "o"
     rc, err = _restore(capsys, "--task", "sr", "--scale", "2", "--solver", "ldps", "--steps",
                        STEPS, "--simulate", "--batch-size", "2", "--model", tiny_sd1_dir,

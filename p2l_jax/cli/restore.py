@@ -144,18 +144,22 @@ def _check_options(args) -> None:
 
 @dataclasses.dataclass
 class Job:
-    """An item with its operator and (when known) the path of its ground truth."""
+    """An item with its data as read and checked once (``data``: the ground truth with
+    ``--simulate``, else the measurement), its operator and (when known) the path of its
+    ground truth."""
 
     item: Item
     operator: object
     truth: Path | None
     info: dict
     image_size: tuple[int, int]
+    data: np.ndarray
 
 
 def plan_jobs(items: list[Item], args) -> list[Job]:
-    """Read and check every item (readable, finite, operator fits); write nothing."""
-    from p2l_jax.operators import from_dict, make_operator
+    """Read and check every item once (readable, finite, operator fits); write nothing. The
+    arrays read are kept in the jobs, so no input is read twice."""
+    from p2l_jax.operators import from_dict, make_operator, measurement_shape
 
     options = task_options(args)
     operators: dict = {}
@@ -191,14 +195,14 @@ def plan_jobs(items: list[Item], args) -> list[Job]:
                 raise P2LError("contains NaN or inf")
             op.validate_shape((1, *hw, 3))
             if item.sidecar is None and not args.simulate:
-                expected = tuple(np.asarray(op.forward(np.zeros((1, *hw, 3), np.float32))).shape[1:])
+                expected = measurement_shape(op, (1, *hw, 3))[1:]
                 if tuple(y.shape) != expected:
                     raise P2LError(f"measurement shape {y.shape} does not match {args.task} "
                                    f"of a {hw[0]}x{hw[1]} image {expected}")
         except P2LError as err:
             msg = str(err)
             raise P2LError(msg if msg.startswith(str(item.path)) else f"{item.path}: {msg}") from None
-        jobs.append(Job(item, op, truth, info, tuple(int(v) for v in hw)))
+        jobs.append(Job(item, op, truth, info, tuple(int(v) for v in hw), y))
     return jobs
 
 
@@ -414,7 +418,7 @@ def _drop_inflight(out: Path, ids: list[str]) -> None:
 def _run_batch(batch: list[Job], args, pipe, config, fingerprint: str) -> int:
     from p2l_jax import parallel
 
-    data = np.stack([imageio.read_image(j.item.path)[0] for j in batch])
+    data = np.stack([j.data for j in batch])
     ids = [j.item.identity for j in batch]
     op = batch[0].operator
     chunks = chunking(args, ids)

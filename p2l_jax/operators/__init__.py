@@ -5,7 +5,7 @@ family, masks and kernels in their own modules, task names in :mod:`.registry`.
 """
 
 from p2l_jax.operators.base import (CG_ITERS, CG_TOL, OPERATOR_CLASSES, PINV_LAM, LinearOperator,
-                                    from_dict)
+                                    from_dict, measurement_shape)
 from p2l_jax.operators.blur import Blur, GaussianBlur, MotionBlur
 from p2l_jax.operators.denoising import Denoising
 from p2l_jax.operators.inpainting import Inpainting
@@ -17,6 +17,7 @@ from p2l_jax.operators.resize import SuperResolution
 
 __all__ = [
     "CG_ITERS", "CG_TOL", "OPERATOR_CLASSES", "PINV_LAM", "LinearOperator", "from_dict",
+    "measurement_shape",
     "Blur", "GaussianBlur", "MotionBlur", "Denoising", "Inpainting", "SuperResolution",
     "gaussian_kernel", "motion_kernel", "box_mask", "freeform_mask", "random_mask",
     "NOISE_KEY_DERIVATION", "noise_key", "TASKS", "TaskOptions", "make_operator",

@@ -177,3 +177,11 @@ def from_dict(d: dict[str, Any]) -> LinearOperator:
         return OPERATOR_CLASSES[name].from_params(**params)
     except TypeError as err:
         raise P2LError(f"operator {name!r}: bad parameters {sorted(params)}: {err}") from None
+
+
+def measurement_shape(operator, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of ``A x`` for images of NHWC ``image_shape``: ``operator.forward`` traced on
+    an abstract value (nothing is computed), for any operator with a ``forward``; the one
+    shape rule of the solvers, the pipeline and the command line."""
+    x = jax.ShapeDtypeStruct(tuple(int(v) for v in image_shape), jnp.float32)
+    return tuple(jax.eval_shape(operator.forward, x).shape)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from p2l_jax.errors import P2LError
+from p2l_jax.operators.base import measurement_shape
 from p2l_jax.solvers import program
 from p2l_jax.solvers.common import State, prompt_init
 from p2l_jax.solvers.configs import Structure, split
@@ -117,10 +118,10 @@ def prepare(model, operator, y, key, config, *, latent_size=None, embedding=None
     latent_shape = (int(h), int(w), int(model.latent_channels))
     if y is not None and operator is not None:
         image_shape = (batch, h * model.vae_scale_factor, w * model.vae_scale_factor, 3)
-        expected = jax.eval_shape(operator.forward, jax.ShapeDtypeStruct(image_shape, jnp.float32))
-        if tuple(expected.shape) != tuple(y.shape):
+        expected = measurement_shape(operator, image_shape)
+        if expected != tuple(y.shape):
             raise P2LError(f"measurement y has shape {tuple(y.shape)} but the operator maps "
-                           f"images {image_shape} to {tuple(expected.shape)}")
+                           f"images {image_shape} to {expected}")
     C0 = model.text_embeddings([config.prompt]) if embedding is None else _embedding(
         embedding, batch, "embedding")
     C_neg = None
