@@ -4,7 +4,17 @@
     out = pipe(images=x, operator=op, config=P2LConfig(num_steps=50), seed=0,
                identities=["a", "b"], sigma=0.05)                 # simulate: measure, restore, score
     out = pipe(measurements=y, operator=op, config=..., identities=[...])   # real measurements
+    out = pipe(images=x, ..., prompts=["a red square", "a blue disc"])      # C0 per image
+    out = pipe.run_dataset([Example("7", image=x7), ...], batch_size=4, operator=op,
+                           config=..., sigma=0.05)                          # padded batches
     out.images, out.records
+
+Conditioning: the starting embedding C0 is ``config.prompt``'s for the whole batch, or one
+per image (``prompts=`` / ``embeddings=``); per-image embeddings are program inputs split
+over the devices with the images, so image i's result equals a run of image i alone with its
+prompt as ``config.prompt``. A dataset runs in batches of a fixed size, the last one padded
+with copies of its last item (dropped from the outputs): one compiled program for all
+batches, and no result depends on the batch size.
 
 Randomness depends on ``(seed, identity)`` only, never on an image's position, batch or device:
 
