@@ -187,7 +187,6 @@ def run(model, cfg: ObjectiveBenchConfig, seed: int, log=print,
     journal (``reused`` counts them)."""
     S = model.image_size
     imgs = quality.load_images(cfg.split, cfg.n, S, seed)
-    truth, captions, keys = imgs.truth, imgs.captions, imgs.keys
     C_null, C_true = imgs.embeddings(model)
     batch = min(cfg.batch_size, cfg.n)
     done = {(r["task"], r["kind"], r["name"]): r
@@ -206,9 +205,9 @@ def run(model, cfg: ObjectiveBenchConfig, seed: int, log=print,
         for group in groups.values():
             C0 = C_true if group == ["oracle"] else C_null
             configs = [method_config(m, cfg) for m in group]
-            images, emb, timing = restore_group(model, op, y, keys, configs, C0, batch)
+            images, emb, timing = restore_group(model, op, y, imgs.keys, configs, C0, batch)
             for p, m in enumerate(group):
-                scores = quality.score_images(images[p], truth, op, y, captions)
+                scores = quality.score_images(images[p], imgs.truth, op, y, imgs.captions)
                 rec = {"task": task, "kind": "cell", "name": m,
                        "config": quality.config_fields(configs[p]),
                        "scores": {k: scores[k] for k in ("psnr", "lpips", "residual")},
@@ -223,7 +222,8 @@ def run(model, cfg: ObjectiveBenchConfig, seed: int, log=print,
                 t0 = time.perf_counter()
                 config = method_config(budget_method(obj, cfg.budgets[0]), cfg)
                 rec = {"task": task, "kind": "rank", "name": obj,
-                       "ranks": caption_ranks(model, op, y, keys, truth, C_true, config),
+                       "ranks": caption_ranks(model, op, y, imgs.keys, imgs.truth, C_true,
+                                              config),
                        "seconds": time.perf_counter() - t0}
                 done[(task, "rank", obj)] = rec
                 if journal is not None:
@@ -231,7 +231,7 @@ def run(model, cfg: ObjectiveBenchConfig, seed: int, log=print,
                 log(f"{task} caption ranks under {obj}: {rec['seconds']:.1f} s")
         cells += [done[(task, "cell", m)] for m in wanted]
         ranks += [done[(task, "rank", o)] for o in cfg.objectives]
-    return {"indices": [int(i) for i in imgs.indices], "captions": list(captions),
+    return {"indices": [int(i) for i in imgs.indices], "captions": list(imgs.captions),
             "cos_before": quality.cosine(C_null, C_true).tolist(), "cells": cells,
             "ranks": ranks, "reused": reused}
 

@@ -179,7 +179,6 @@ def run(model, cfg: RestorationConfig, seed: int, log=print,
     reused (``reused_cells`` counts them)."""
     S = model.image_size
     imgs = quality.load_images(cfg.split, cfg.n, S, seed)
-    truth, captions, keys = imgs.truth, imgs.captions, imgs.keys
     C_null, C_true = imgs.embeddings(model)
     batch = min(cfg.batch_size, cfg.n)
     done = {(r["cell"]["task"], r["cell"]["sigma"], r["cell"]["method"]): r
@@ -190,7 +189,8 @@ def run(model, cfg: RestorationConfig, seed: int, log=print,
         ys = {s: imgs.measure(op, s) for s in cfg.sigmas}
         for sigma in cfg.sigmas:
             cells.append({"task": task, "sigma": sigma, "method": REFERENCE, "config": None,
-                          "scores": quality.score_images(truth, truth, op, ys[sigma], captions)})
+                          "scores": quality.score_images(imgs.truth, imgs.truth, op, ys[sigma],
+                                                         imgs.captions)})
         for method in cfg.methods:
             config = method_config(method, task, cfg)
             C0 = C_true if method == "p2l-oracle" else C_null
@@ -201,12 +201,13 @@ def run(model, cfg: RestorationConfig, seed: int, log=print,
                     if method == "tikhonov":
                         lam, val = choose_tikhonov_lam(op, sigma, cfg.n, seed, S)
                         reference = {"solver": method, "lam": lam, "validation_psnr": val}
-                    images, emb, timing = restore(model, op, ys[sigma], keys, config, C0, batch,
-                                                  reference["lam"])
+                    images, emb, timing = restore(model, op, ys[sigma], imgs.keys, config, C0,
+                                                  batch, reference["lam"])
                     entry = {"cell": {
                         "task": task, "sigma": sigma, "method": method,
                         "config": quality.config_fields(config) if config else reference,
-                        "scores": quality.score_images(images, truth, op, ys[sigma], captions),
+                        "scores": quality.score_images(images, imgs.truth, op, ys[sigma],
+                                                       imgs.captions),
                         "timing": timing},
                         "diagnostics": (prompt_diagnostics(emb, C_null, C_true)
                                         if method == "p2l" else None)}
