@@ -49,6 +49,10 @@ ENV_PROCESS_ID = "P2L_PROCESS_ID"
 
 
 # ----------------------------------------------------------------------------------- keys
+#: How :func:`image_key` derives a key, as records state it.
+IMAGE_KEY_DERIVATION = "fold_in(PRNGKey(seed), sha256(identity)[:4] LE)"
+
+
 def identity_hash(identity: str) -> int:
     """``h(s)``: the first 32 bits (little endian) of SHA-256 of the UTF-8 identity string."""
     return int.from_bytes(hashlib.sha256(identity.encode("utf-8")).digest()[:4], "little")

@@ -50,7 +50,7 @@ from p2l_jax import metrics
 from p2l_jax.errors import P2LError
 from p2l_jax.model import load_model
 from p2l_jax.operators import measurement_shape, noise_key
-from p2l_jax.parallel import image_keys, shard_batch
+from p2l_jax.parallel import IMAGE_KEY_DERIVATION, image_keys, shard_batch
 from p2l_jax.solvers import program
 from p2l_jax.solvers.driver import prepare
 from p2l_jax.solvers.resumable import Programs, run, run_identity
@@ -305,7 +305,7 @@ class P2LPipeline:
             residual = np.asarray(out["residual"][i])
             records.append({
                 "identity": ident, "seed": int(seed), "status": "ok" if ok else "non-finite",
-                "key": {"derivation": "fold_in(PRNGKey(seed), sha256(identity)[:4] LE)",
+                "key": {"derivation": IMAGE_KEY_DERIVATION,
                         "value": np.asarray(keys[i]).tolist()},
                 "model": {"path": self.model.path, "dtype": jnp.dtype(self.model.dtype).name},
                 "config": config_record(config), "operator": operator.to_dict(),
