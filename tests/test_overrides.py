@@ -99,3 +99,16 @@ def test_fingerprints_keep_their_values(tmp_path):
     assert a == tree_fingerprint({"x": np.ones(3, np.float32)}, "k")
     assert a != tree_fingerprint({"x": np.ones(3, np.float64)}, "k")
     assert a != tree_fingerprint({"y": np.ones(3, np.float32)}, "k")
+
+
+def test_tune_defaults_grids_parse_through_the_library():
+    from benchmarks.tune_defaults import parse_grid
+
+    assert parse_grid(["lam=0.01,0.001", "learning_rate=1e-3", "project_every=2,4"],
+                      P2LConfig(), "--p2l-grid") == (
+        ("lam", (0.01, 0.001)), ("learning_rate", (1e-3,)), ("project_every", (2, 4)))
+    assert parse_grid(None, P2LConfig(), "--p2l-grid") is None
+    with pytest.raises(P2LError, match=r"--p2l-grid 'eta=0.5': eta is not a tuned setting"):
+        parse_grid(["eta=0.5"], P2LConfig(), "--p2l-grid")
+    with pytest.raises(P2LError, match=r"--ldps-grid: 'lam' is not an option of LDPSConfig"):
+        parse_grid(["lam=1"], LDPSConfig(), "--ldps-grid")
