@@ -86,7 +86,7 @@ class PixelVsLatentConfig:
     hires_tasks: tuple[str, ...] = ("sr", "inpaint-box")
     hires_n: int = 25
     zeta: float | None = None            # None: choose from zeta_grid on the validation split
-    zeta_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+    zeta_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     dps_eta: float = 1.0                 # DPSConfig's [paper] default
     tune_n: int = 8
     tune_tasks: tuple[str, ...] = ("sr", "gaussian-blur", "inpaint-box")
@@ -185,7 +185,6 @@ def choose_zeta(pixel, cfg: PixelVsLatentConfig, seed: int, done: dict, journal,
                 done[key] = {"kind": "tune", "task": task, "zeta": zeta, "psnr": psnr}
                 if journal is not None:
                     journal.append(done[key])
-                jax.clear_caches()  # zeta is static: every grid point is a new program
             scores.setdefault(zeta, []).append(done[key]["psnr"])
             log(f"tune zeta={zeta} {task}: PSNR {done[key]['psnr']:.2f}")
     means = {z: float(np.mean(v)) for z, v in scores.items()}
@@ -288,6 +287,15 @@ def summarize(result: dict) -> dict:
 
 
 # ---- writing ------------------------------------------------------------------------
+def _edge_note(record: dict) -> str:
+    """A warning when the chosen zeta' is the grid's smallest or largest value (the best
+    setting may lie outside the grid: widen it)."""
+    grid = [float(z) for z in record["zeta_tuning"]]
+    if len(grid) > 1 and record["zeta"] in (min(grid), max(grid)):
+        return " (at the edge of the grid: the best zeta' may lie outside it)"
+    return ""
+
+
 def markdown(record: dict) -> str:
     cfg = record["config"]
     lines = quality.header(
@@ -299,7 +307,7 @@ def markdown(record: dict) -> str:
          f"{cfg['hires_factor']}x; {cfg['steps']} steps; DPS zeta' = {record['zeta']:g} "
          f"(eta {cfg['dps_eta']:g})" + (", chosen on validation images: " + ", ".join(
              f"{z} → {v:.2f} dB" for z, v in record["zeta_tuning"].items())
-             if record["zeta_tuning"] else ""),
+             if record["zeta_tuning"] else "") + _edge_note(record),
          f"Intervals: {quality.INTERVAL_METHOD}; cells show mean ± half-width.",
          f"Wall time: {record['timing']['total_s'] / 60:.1f} min"])
     cells = record["cells"]
