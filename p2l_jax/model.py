@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,10 @@ from p2l_jax.errors import P2LError
 from p2l_jax.layout import COMPONENTS, CONVERTED_MARKER
 from p2l_jax.model_base import DiffusionModelBase
 from p2l_jax.schedule import ScheduleConfig, model_output_to_eps
+
+if TYPE_CHECKING:  # loaded lazily by load_model
+    from p2l_jax.pixel_model import PixelDiffusionModel
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -214,7 +218,7 @@ def abstract_networks(configs: dict, dtype, attention: str) -> dict:
 
 
 def load_model(path: str | Path | None = None, dtype: str = "float32", *, attention: str = "einsum",
-               allow_pickle: bool = False) -> LatentDiffusionModel:
+               allow_pickle: bool = False) -> LatentDiffusionModel | PixelDiffusionModel:
     """Load a Stable Diffusion 1.x/2.x directory in diffusers layout (or a converted one).
 
     A directory whose ``unet/`` is a pixel-space ``UNet2DModel`` (a DDPM/DDIM pipeline) loads

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import p2l_jax
-from sd_fixtures import box_inpainting_problem
+from sd_fixtures import inpainting_setup
 from p2l_jax.errors import P2LError
 from p2l_jax.schedule import tweedie
 from p2l_jax.solvers import OptimizerConfig, P2LConfig, compiled_programs, gradients_at, solve
@@ -24,19 +24,12 @@ STEPS = 4
 BASE = P2LConfig(num_steps=STEPS, optimizer=OptimizerConfig(learning_rate=1e-2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd1_dir):
-    model = p2l_jax.load_model(tiny_sd1_dir)
-    op, _, y = box_inpainting_problem(2)
-    keys = jax.random.split(jax.random.key(5), 2)
-    return dict(model=model, op=op, y=y, keys=keys,
-                C0=model.text_embeddings([""]),
+    return dict(inpainting_setup(p2l_jax.load_model(tiny_sd1_dir), batch=2, key_seed=5),
                 z=jax.random.normal(jax.random.key(1), (2, 8, 8, 4)))
 
 

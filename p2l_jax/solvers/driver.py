@@ -46,11 +46,13 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
     """Run the solver ``config`` on measurement ``y = A x + n`` of operator ``operator``.
 
     Args:
-      model: a :class:`p2l_jax.model.LatentDiffusionModel` (a pytree).
+      model: a :class:`p2l_jax.model.LatentDiffusionModel` or
+        :class:`p2l_jax.pixel_model.PixelDiffusionModel` (a pytree).
       operator: the forward operator A (a pytree with forward/adjoint/prox); None for DDIM.
       y: the measurement (B, ...); None for DDIM sampling (then B = number of keys).
       key: one PRNG key (split per sample by index) or a batch of B keys.
-      config: P2LConfig, LDPSConfig, GMLDPSConfig, PSLDConfig or DDIMConfig. Its settings
+      config: P2LConfig, LDPSConfig, GMLDPSConfig, PSLDConfig, DPSConfig or DDIMConfig (the
+        configs of :data:`p2l_jax.solvers.registry.SOLVERS`). Its settings
         (rho, lam, eta, learning rate, ...) are arrays of the program: another value
         reuses the compiled program; its structure (num_steps, gradient, K, ...) is static.
       latent_size: (h, w) of the latents; default the model's native sample size.

@@ -83,7 +83,11 @@ def with_values(config, point: Mapping[str, Any]):
             raise P2LError(f"option grid: {name!r} is not an option of "
                            f"{type(config).__name__}; options: {', '.join(sorted(fields))}")
         if rest:
-            value = with_values(getattr(config, head), {rest: value})
+            inner = getattr(config, head)
+            if not dataclasses.is_dataclass(inner):  # e.g. a user's optax transform
+                raise P2LError(f"option grid: {name!r}: {head} is a {type(inner).__name__}, "
+                               "which has no options to vary")
+            value = with_values(inner, {rest: value})
         config = dataclasses.replace(config, **{head: value})
     return config
 
