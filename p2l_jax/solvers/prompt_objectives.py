@@ -29,6 +29,10 @@ in C depends on sample b alone. n is the number of measurement entries; sg is st
   Unlike the residual objectives it asks which caption makes y's likely images likely, not
   which caption makes one denoising step land on y.
 
+In which variable (structure ``prompt_space``, :mod:`p2l_jax.solvers.prompt_space`): the
+objectives read C; :func:`tune_prompt` descends them in C itself [paper] or in the text
+encoder's input token embeddings e with C = T(e) [ours].
+
 Where in the schedule (settings ``tune_start``, ``tune_stop``, fractions of the run [ours]):
 step i tunes when tune_start <= i / N < tune_stop; (0, 1) is every step (the paper), (0, f)
 the first, noisiest fraction f, (w, 1) a warm-up of w N steps without tuning. Outside the
