@@ -21,8 +21,8 @@ P2L (the solver defaults, ``steps`` DDIM steps) on the same y and z_T (keys from
 * ``OBJ-tokens-budget[B]`` (with ``--prompt-spaces ... tokens``) the same with
   ``prompt_space="tokens"``: the text encoder's input token embeddings are tuned, from the
   null prompt's, and C = T(e) (:mod:`p2l_jax.solvers.prompt_space`). The budget is in token
-  space, whose scale differs from C's (null -> caption RMS distance about 0.09 there against
-  0.67 for C on the embedded model).
+  space, whose scale differs from C's: compare budgets as fractions of the null -> caption
+  distance in each space.
 
 The methods of one objective and prompt space share one compiled program: their learning rates are settings,
 run as one ``lax.map`` sweep (:func:`p2l_jax.solvers.sweep.sweep_configs`); ``null`` and
