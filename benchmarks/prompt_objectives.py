@@ -30,7 +30,8 @@ run as one ``lax.map`` sweep (:func:`p2l_jax.solvers.sweep.sweep_configs`); ``nu
 
 Per (task, method): mean PSNR and LPIPS with 95% intervals; the paired gain over ``null``;
 the fraction of the oracle's gain recovered, ``mean gain / mean oracle gain`` (flagged when the
-oracle's own gain interval includes 0, where the ratio means little); the cosine of the
+oracle's own gain interval includes 0, where the ratio means little; not given when the oracle's
+mean gain is not positive, where it would turn losses into positive fractions); the cosine of the
 embedding to the true caption's embedding before (null) and after.
 
 Caption rank under each objective: for image i and each of the K = n candidate captions (its
@@ -270,7 +271,7 @@ def summarize(result: dict) -> dict:
         if null and oracle and c["name"] not in UNTUNED:
             og = quality.paired_interval(oracle["scores"]["psnr"], null["scores"]["psnr"])
             g = c["gain"]["psnr"]
-            if og["mean"] and g["mean"] is not None:
+            if og["mean"] is not None and og["mean"] > 0 and g["mean"] is not None:
                 # the gain's interval scaled by the oracle's mean gain (its own spread
                 # ignored: the flag says when it matters); sorted, as the mean may be < 0
                 ends = (sorted((g["lo"] / og["mean"], g["hi"] / og["mean"]))
@@ -309,7 +310,8 @@ def markdown(record: dict) -> str:
         ("LPIPS change over null, paired (negative is better)",
          lambda c: quality.fmt(c["gain"]["lpips"], 3, True)),
         ("Fraction of the oracle's PSNR gain recovered (gain interval / mean oracle gain; "
-         "† oracle gain interval includes 0)", _fraction),
+         "† oracle gain interval includes 0; – where the oracle's mean gain is not positive)",
+         _fraction),
         (f"cos(C, true caption) after (before, null prompt: "
          f"{quality.fmt(record['cells'][0]['cos_before'], 4)})",
          lambda c: quality.fmt(c["cos_after_interval"], 4))]
