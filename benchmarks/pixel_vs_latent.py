@@ -87,7 +87,7 @@ class PixelVsLatentConfig:
     hires_tasks: tuple[str, ...] = ("sr", "inpaint-box")
     hires_n: int = 25
     zeta: float | None = None            # None: choose from zeta_grid on the validation split
-    zeta_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+    zeta_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     dps_eta: float = 1.0                 # DPSConfig's [paper] default
     tune_n: int = 8
     tune_tasks: tuple[str, ...] = ("sr", "gaussian-blur", "inpaint-box")
@@ -183,7 +183,6 @@ def choose_zeta(pixel, cfg: PixelVsLatentConfig, seed: int, done: dict, journal,
                 done[key] = {"kind": "tune", "task": task, "zeta": zeta, "psnr": psnr}
                 if journal is not None:
                     journal.append(done[key])
-                jax.clear_caches()  # zeta is static: every grid point is a new program
             scores.setdefault(zeta, []).append(done[key]["psnr"])
             log(f"tune zeta={zeta} {task}: PSNR {done[key]['psnr']:.2f}")
     means = {z: float(np.mean(v)) for z, v in scores.items()}
@@ -195,7 +194,8 @@ def run(latent, pixel, cfg: PixelVsLatentConfig, seed: int, log=print,
     """Both parts: every cell's per-image scores and timing, the chosen zeta'. The first two
     restored images of each hires cell are kept as ``.npy`` in ``grid_dir`` (for the grid)."""
     done = {}
-    for r in (journal.load() if journal is not None else []):
+    journaled = journal.load() if journal is not None else []
+    for r in journaled:
         key = ("tune", r["task"], r["zeta"]) if r["kind"] == "tune" else (
             r["part"], r["task"], r["sigma"], r["method"])
         done[key] = r
@@ -248,7 +248,8 @@ def run(latent, pixel, cfg: PixelVsLatentConfig, seed: int, log=print,
                         f"{quality.fmt(quality.interval(entry['scores']['psnr']))}")
                 if part == "hires":
                     grids[(task, sigma)] = (truth[:2], y[:2], outputs)
-    return {"zeta": zeta, "zeta_tuning": tuning, "cells": cells, "grids": grids}
+    return {"zeta": zeta, "zeta_tuning": tuning, "cells": cells, "grids": grids,
+            "reused": len(journaled)}
 
 
 def _grid_file(grid_dir: Path, key: tuple) -> Path:
@@ -284,20 +285,38 @@ def summarize(result: dict) -> dict:
 
 
 # ---- writing ------------------------------------------------------------------------
+def _shown_path(path: str) -> str:
+    """``path`` relative to the repository root when it lies under it (as a user types it)."""
+    root = PIXEL_MODEL.parents[1]
+    p = Path(path)
+    return str(p.relative_to(root)) if p.is_relative_to(root) else path
+
+
+def _edge_note(record: dict) -> str:
+    """A warning when the chosen zeta' is the grid's smallest or largest value (the best
+    setting may lie outside the grid: widen it)."""
+    grid = [float(z) for z in record["zeta_tuning"]]
+    if len(grid) > 1 and record["zeta"] in (min(grid), max(grid)):
+        return " (at the edge of the grid: the best zeta' may lie outside it)"
+    return ""
+
+
 def markdown(record: dict) -> str:
     cfg = record["config"]
     lines = quality.header(
         "Latent P2L against pixel-space DPS, and at 2x the training size", record["command"],
         record["machine"],
         [f"latent model `{record['model']}@{record['model_digest']}`, pixel model "
-         f"`{record['pixel_model']}@{record['pixel_digest']}`, seed {record['seed']}",
+         f"`{_shown_path(record['pixel_model'])}@{record['pixel_digest']}`, seed {record['seed']}",
          f"{cfg['n']} test images at the training size, {cfg['hires_n']} at "
          f"{cfg['hires_factor']}x; {cfg['steps']} steps; DPS zeta' = {record['zeta']:g} "
          f"(eta {cfg['dps_eta']:g})" + (", chosen on validation images: " + ", ".join(
              f"{z} → {v:.2f} dB" for z, v in record["zeta_tuning"].items())
-             if record["zeta_tuning"] else ""),
+             if record["zeta_tuning"] else "") + _edge_note(record),
          f"Intervals: {quality.INTERVAL_METHOD}; cells show mean ± half-width.",
-         f"Wall time: {record['timing']['total_s'] / 60:.1f} min"])
+         f"Wall time: {record['timing']['total_s'] / 60:.1f} min" + (
+             f" ({record['reused']} pieces taken from the journal of earlier runs)"
+             if record.get("reused") else "")])
     cells = record["cells"]
     by = {(c["part"], c["task"], c["sigma"], c["method"]): c for c in cells}
     for part in dict.fromkeys(c["part"] for c in cells):

@@ -2,7 +2,8 @@
 against the untuned null prompt and the oracle (true caption) on held-out images.
 
     python -m benchmarks.prompt_objectives [--split test|validation] [--n N] [--steps S]
-        [--budgets 0.1 0.3 ...] [--objectives ...] [--prompt-draws M] [--quick]
+        [--budgets 0.1 0.3 ...] [--objectives ...] [--prompt-spaces embedding tokens]
+        [--prompt-draws M] [--quick]
         [--output DIR] [--results-md docs/RESULTS.md]
 
 For ``n`` images of ``--split`` (:mod:`p2l_jax.data`), tasks box / random inpainting and SR x4
@@ -16,15 +17,21 @@ P2L (the solver defaults, ``steps`` DDIM steps) on the same y and z_T (keys from
 * ``OBJ-budget``  objective OBJ (tweedie [paper], renoised, marginal:
   :mod:`p2l_jax.solvers.prompt_objectives`) with ``OptimizerConfig(per_run=True)`` and
   learning rate 0.1, the paper's 1000 x 1e-4 spread over N K updates; ``OBJ-budgetB`` the
-  same with budget B (``--budgets``).
+  same with budget B (``--budgets``);
+* ``OBJ-tokens-budget[B]`` (with ``--prompt-spaces ... tokens``) the same with
+  ``prompt_space="tokens"``: the text encoder's input token embeddings are tuned, from the
+  null prompt's, and C = T(e) (:mod:`p2l_jax.solvers.prompt_space`). The budget is in token
+  space, whose scale differs from C's: compare budgets as fractions of the null -> caption
+  distance in each space.
 
-The methods of one objective share one compiled program: their learning rates are settings,
+The methods of one objective and prompt space share one compiled program: their learning rates are settings,
 run as one ``lax.map`` sweep (:func:`p2l_jax.solvers.sweep.sweep_configs`); ``null`` and
 ``oracle`` share the untuned program.
 
 Per (task, method): mean PSNR and LPIPS with 95% intervals; the paired gain over ``null``;
 the fraction of the oracle's gain recovered, ``mean gain / mean oracle gain`` (flagged when the
-oracle's own gain interval includes 0, where the ratio means little); the cosine of the
+oracle's own gain interval includes 0, where the ratio means little; not given when the oracle's
+mean gain is not positive, where it would turn losses into positive fractions); the cosine of the
 embedding to the true caption's embedding before (null) and after.
 
 Caption rank under each objective: for image i and each of the K = n candidate captions (its
@@ -60,6 +67,7 @@ from p2l_jax.solvers.common import initial_latents
 from p2l_jax.solvers.configs import split
 from p2l_jax.solvers.program import make_problem, step_inputs
 from p2l_jax.solvers.prompt_objectives import OBJECTIVES
+from p2l_jax.solvers.prompt_space import SPACES
 from p2l_jax.solvers.sweep import sweep_configs
 
 NAME = "prompt_objectives"
@@ -82,6 +90,7 @@ class ObjectiveBenchConfig:
     tasks: tuple[str, ...] = TASKS
     budgets: tuple[float, ...] = (PAPER_BUDGET,)
     objectives: tuple[str, ...] = tuple(OBJECTIVES)
+    prompt_spaces: tuple[str, ...] = ("embedding",)
     prompt_draws: int = P2LConfig.prompt_draws
     batch_size: int = 20
 
@@ -92,16 +101,18 @@ def get_config(quick: bool = False) -> ObjectiveBenchConfig:
     return ObjectiveBenchConfig()
 
 
-def budget_method(objective: str, budget: float) -> str:
-    return f"{objective}-budget" if budget == PAPER_BUDGET else f"{objective}-budget{budget:g}"
+def budget_method(objective: str, budget: float, space: str = "embedding") -> str:
+    name = objective if space == "embedding" else f"{objective}-{space}"
+    return f"{name}-budget" if budget == PAPER_BUDGET else f"{name}-budget{budget:g}"
 
 
 def methods(cfg: ObjectiveBenchConfig) -> list[str]:
     """Every method of the table, in display order."""
     out = list(UNTUNED)
-    for obj in cfg.objectives:
-        out += (["tweedie-abs"] if obj == "tweedie" else []) + [
-            budget_method(obj, b) for b in cfg.budgets]
+    for space in cfg.prompt_spaces:
+        for obj in cfg.objectives:
+            out += (["tweedie-abs"] if obj == "tweedie" and space == "embedding" else []) + [
+                budget_method(obj, b, space) for b in cfg.budgets]
     return out
 
 
@@ -115,12 +126,17 @@ def method_config(method: str, cfg: ObjectiveBenchConfig) -> P2LConfig:
                                    optimizer=OptimizerConfig(learning_rate=ABSOLUTE_LR))
     obj, _, rest = method.partition("-budget")
     budget = float(rest) if rest else PAPER_BUDGET
-    return dataclasses.replace(base, prompt_objective=obj, optimizer=OptimizerConfig(
-        learning_rate=budget, per_run=True))
+    return dataclasses.replace(base, prompt_objective=obj.split("-")[0],
+                               prompt_space=space_of(method), optimizer=OptimizerConfig(
+                                   learning_rate=budget, per_run=True))
 
 
 def objective_of(method: str) -> str | None:
     return None if method in UNTUNED else method.split("-")[0]
+
+
+def space_of(method: str) -> str:
+    return "tokens" if "-tokens-" in method else "embedding"
 
 
 # ---- running ------------------------------------------------------------------------
@@ -176,7 +192,7 @@ def caption_ranks(model, op, y, keys, truth, C_true, config) -> dict[str, list]:
 def journal_identity(cfg: ObjectiveBenchConfig, seed: int, model: str, digest: str) -> dict:
     """What a cell depends on; budgets, objectives and tasks are the table's extent."""
     scope = {k: v for k, v in quality.plain(cfg).items()
-             if k not in ("tasks", "budgets", "objectives", "batch_size")}
+             if k not in ("tasks", "budgets", "objectives", "prompt_spaces", "batch_size")}
     return quality.plain({"scope": scope, "sigma": SIGMA, "seed": seed, "model": str(model),
                           "weights": digest})
 
@@ -200,10 +216,12 @@ def run(model, cfg: ObjectiveBenchConfig, seed: int, log=print,
         groups: dict = {}
         for m in wanted:
             if (task, "cell", m) not in done:
-                groups.setdefault(("untuned", m) if m in UNTUNED else objective_of(m),
-                                  []).append(m)
+                groups.setdefault(("untuned", m) if m in UNTUNED else (
+                    objective_of(m), space_of(m)), []).append(m)
         for group in groups.values():
             C0 = C_true if group == ["oracle"] else C_null
+            if space_of(group[0]) == "tokens":  # the tuned variable starts at e_null
+                C0 = np.broadcast_to(model.token_embeddings([""]), C_null.shape)
             configs = [method_config(m, cfg) for m in group]
             images, emb, timing = restore_group(model, op, y, imgs.keys, configs, C0, batch)
             for p, m in enumerate(group):
@@ -251,7 +269,7 @@ def summarize(result: dict) -> dict:
         if null and oracle and c["name"] not in UNTUNED:
             og = quality.paired_interval(oracle["scores"]["psnr"], null["scores"]["psnr"])
             g = c["gain"]["psnr"]
-            if og["mean"] and g["mean"] is not None:
+            if og["mean"] is not None and og["mean"] > 0 and g["mean"] is not None:
                 # the gain's interval scaled by the oracle's mean gain (its own spread
                 # ignored: the flag says when it matters); sorted, as the mean may be < 0
                 ends = (sorted((g["lo"] / og["mean"], g["hi"] / og["mean"]))
@@ -290,7 +308,8 @@ def markdown(record: dict) -> str:
         ("LPIPS change over null, paired (negative is better)",
          lambda c: quality.fmt(c["gain"]["lpips"], 3, True)),
         ("Fraction of the oracle's PSNR gain recovered (gain interval / mean oracle gain; "
-         "† oracle gain interval includes 0)", _fraction),
+         "† oracle gain interval includes 0; – where the oracle's mean gain is not positive)",
+         _fraction),
         (f"cos(C, true caption) after (before, null prompt: "
          f"{quality.fmt(record['cells'][0]['cos_before'], 4)})",
          lambda c: quality.fmt(c["cos_after_interval"], 4))]
@@ -335,6 +354,9 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="+", type=float, default=None,
                    help=f"per-run movement budgets (default {PAPER_BUDGET}, the paper's)")
     p.add_argument("--objectives", nargs="+", default=None, choices=sorted(OBJECTIVES))
+    p.add_argument("--prompt-spaces", nargs="+", default=None, choices=SPACES,
+                   help="where the prompt is tuned (default embedding; tokens adds the "
+                        "OBJ-tokens-budget rows)")
     p.add_argument("--prompt-draws", type=int, default=None,
                    help=f"M of renoised / marginal (default {P2LConfig.prompt_draws})")
     p.add_argument("--batch-size", type=int, default=None)
@@ -343,6 +365,7 @@ def main(argv=None) -> int:
                 tasks=args.tasks and tuple(args.tasks),
                 budgets=args.budgets and tuple(args.budgets),
                 objectives=args.objectives and tuple(args.objectives), batch_size=args.batch_size,
+                prompt_spaces=args.prompt_spaces and tuple(args.prompt_spaces),
                 prompt_draws=args.prompt_draws)
     cfg = dataclasses.replace(get_config(args.quick),
                               **{k: v for k, v in over.items() if v is not None})

@@ -1,5 +1,6 @@
-"""The model directory layout shared by loading (:mod:`p2l_jax.model`) and conversion
-(:mod:`p2l_jax.convert`): diffusers' component folders and the converted-model marker."""
+"""The model directory layout shared by loading (:mod:`p2l_jax.model`,
+:mod:`p2l_jax.pixel_model`) and conversion (:mod:`p2l_jax.convert`): diffusers' component
+folders and the converted-model marker."""
 
 #: Folders of a diffusers Stable Diffusion directory.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

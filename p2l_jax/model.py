@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,10 @@ from p2l_jax.errors import P2LError
 from p2l_jax.layout import COMPONENTS, CONVERTED_MARKER
 from p2l_jax.model_base import DiffusionModelBase
 from p2l_jax.schedule import ScheduleConfig, model_output_to_eps
+
+if TYPE_CHECKING:  # loaded lazily by load_model
+    from p2l_jax.pixel_model import PixelDiffusionModel
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -113,6 +117,18 @@ class LatentDiffusionModel(DiffusionModelBase):
         """C for a list of prompts (``""`` is the null prompt P2L starts from), (B, 77, d)."""
         return _encode_text_jit(self, self.tokenize(prompts))
 
+    def token_embeddings(self, prompts: str | Sequence[str]) -> jax.Array:
+        """e = E_tok[w], the text encoder's input token embeddings of a list of prompts
+        (before positions are added), (B, 77, d) float32:
+        ``encode_token_embeddings(token_embeddings(p))`` is ``text_embeddings(p)``."""
+        return _token_embeddings_jit(self, self.tokenize(prompts))
+
+    def encode_token_embeddings(self, e: jax.Array) -> jax.Array:
+        """C = the text encoder applied to token embeddings e (B, L, d) in place of E_tok[w]
+        (textual-inversion style; differentiable in e), (B, L, d) float32."""
+        net = self._net("text_encoder")
+        return net.encode_token_embeddings(jnp.asarray(e).astype(self.dtype)).astype(jnp.float32)
+
     def eps(self, z_t: jax.Array, t, C: jax.Array) -> jax.Array:
         """eps_theta(z_t, t, C), NHWC float32, whatever the checkpoint's ``prediction_type``.
 
@@ -152,6 +168,12 @@ class LatentDiffusionModel(DiffusionModelBase):
 @jax.jit
 def _encode_text_jit(model: LatentDiffusionModel, ids: jax.Array) -> jax.Array:
     return model.encode_text(ids)
+
+
+@jax.jit
+def _token_embeddings_jit(model: LatentDiffusionModel, ids: jax.Array) -> jax.Array:
+    net = model._net("text_encoder")
+    return net.embeddings.token_embedding(jnp.asarray(ids, jnp.int32)).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -214,7 +236,7 @@ def abstract_networks(configs: dict, dtype, attention: str) -> dict:
 
 
 def load_model(path: str | Path | None = None, dtype: str = "float32", *, attention: str = "einsum",
-               allow_pickle: bool = False) -> LatentDiffusionModel:
+               allow_pickle: bool = False) -> LatentDiffusionModel | PixelDiffusionModel:
     """Load a Stable Diffusion 1.x/2.x directory in diffusers layout (or a converted one).
 
     A directory whose ``unet/`` is a pixel-space ``UNet2DModel`` (a DDPM/DDIM pipeline) loads

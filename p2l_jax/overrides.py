@@ -114,7 +114,8 @@ def _set(config, path: list[str], name: str, value, option: str, owner: str):
     current = getattr(config, head)
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):
-            raise P2LError(f"{option}: {name!r}: {head} has no sub-options")
+            raise P2LError(f"{option}: {name!r}: {head} is a {type(current).__name__}, which "
+                           "has no options to vary")  # e.g. a user's optax transform
         value = _set(current, path[1:], name, value, option, f"{owner} {head}")
     elif isinstance(value, str):
         value = parse_text(value, _kinds(config, head), f"{option} {name}")

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from p2l_jax.errors import P2LError
+from p2l_jax.layout import CONVERTED_MARKER
 from p2l_jax.model_base import DiffusionModelBase
 from p2l_jax.schedule import ScheduleConfig, model_output_to_eps
 
@@ -130,7 +131,7 @@ def load_pixel_model(path: Path, jdtype, attention: str, read_json, scheduler_fi
     for sub in ("unet", "scheduler"):
         if not (path / sub).is_dir():
             raise P2LError(f"{path} is missing component folder(s): {sub}")
-    if (path / "p2l_jax_converted.json").is_file():
+    if (path / CONVERTED_MARKER).is_file():
         raise P2LError(f"{path}: converted (orbax) directories of pixel-space models are not "
                        "supported; load the diffusers directory")
     source = str(path / "unet" / "config.json")

@@ -56,7 +56,7 @@ def read_component_tensors(directory: str | Path, *, allow_pickle: bool = False)
     """Read every tensor of one component directory (e.g. ``unet/``) into numpy arrays.
 
     Accepts a single safetensors file or a sharded one with its ``.index.json`` (whose shards
-must be plain file names in ``directory``: an index cannot point outside it); pickled
+    must be plain file names in ``directory``: an index cannot point outside it); pickled
     ``.bin``/``.ckpt`` files are refused unless ``allow_pickle`` is set, in which case they are
     read with ``torch.load(weights_only=True)`` (the one place torch may be imported).
     """

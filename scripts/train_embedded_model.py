@@ -320,16 +320,29 @@ def diffusion_loss(params, graphdefs, batch, key, alphas_cumprod, stage: Diffusi
     k_z, k_t, k_eps, k_drop = jax.random.split(key, 4)
     b = mean.shape[0]
     z0 = scale * (mean + std * jax.random.normal(k_z, mean.shape))
-    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
-    eps = jax.random.normal(k_eps, z0.shape)
-    ab = alphas_cumprod[t][:, None, None, None]
-    z_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1.0 - ab) * eps
+    z_t, t, eps = ddpm_noised(z0, k_t, k_eps, alphas_cumprod)
     drop = jax.random.bernoulli(k_drop, stage.caption_dropout, (b, 1))
     C = text(jnp.where(drop, null_ids[None], ids))
     mse = jnp.mean((unet(z_t, t, C) - eps) ** 2, axis=(1, 2, 3))
-    if stage.min_snr_gamma > 0:
+    return min_snr_loss(mse, t, alphas_cumprod, stage.min_snr_gamma)
+
+
+def ddpm_noised(x0, k_t, k_eps, alphas_cumprod):
+    """(x_t, t, eps): t ~ U{0..T-1} (key k_t), eps ~ N(0, I) (key k_eps), x_t = sqrt(ab_t) x0 +
+    sqrt(1 - ab_t) eps. Shared by both scripts' diffusion losses (latents here, images in
+    train_pixel_model.py)."""
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, alphas_cumprod.shape[0])
+    eps = jax.random.normal(k_eps, x0.shape)
+    ab = alphas_cumprod[t][:, None, None, None]
+    return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps, t, eps
+
+
+def min_snr_loss(mse, t, alphas_cumprod, gamma: float):
+    """(mean_b w_t mse_b, mean_b mse_b) of per-sample eps MSEs: min-SNR weights
+    w_t = min(SNR_t, gamma) / SNR_t, SNR_t = ab_t / (1 - ab_t); gamma 0 gives w_t = 1."""
+    if gamma > 0:
         snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
-        weight = jnp.minimum(snr, stage.min_snr_gamma) / snr
+        weight = jnp.minimum(snr, gamma) / snr
     else:
         weight = jnp.ones_like(mse)
     return jnp.mean(weight * mse), jnp.mean(mse)
@@ -535,12 +548,8 @@ def _save_safetensors(tensors: dict, path: Path) -> None:
 def write_model(output: Path, cfg: TrainConfig, scaling_factor: float, params: dict) -> Path:
     """Write the diffusers-layout directory into a temporary sibling of ``output``; return it."""
     vae_cfg, unet_cfg, text_cfg = network_configs(cfg, scaling_factor)
-    output = Path(output).resolve()
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("unet", "vae", "text_encoder", "scheduler"):
-        (tmp / sub).mkdir(parents=True)
-    write = lambda path, obj: path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp = staging_dir(output, ("unet", "vae", "text_encoder", "scheduler"))
+    write = write_json
     write(tmp / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None], "image_encoder": [None, None],
@@ -572,6 +581,22 @@ def write_model(output: Path, cfg: TrainConfig, scaling_factor: float, params: d
                       tmp / "text_encoder" / "model.safetensors")
     shutil.copytree(default_tokenizer_dir(), tmp / "tokenizer")
     return tmp
+
+
+def staging_dir(output: Path, components) -> Path:
+    """A fresh temporary sibling of ``output`` with the ``components`` folders, where a model
+    directory is written before :func:`publish` renames it into place."""
+    output = Path(output).resolve()
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in components:
+        (tmp / sub).mkdir(parents=True)
+    return tmp
+
+
+def write_json(path: Path, obj) -> None:
+    """A config file as diffusers writes them: indented, sorted keys, final newline."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def publish(tmp: Path, output: Path) -> None:
@@ -663,18 +688,29 @@ def verify(directory: Path, images: np.ndarray) -> dict:
     return {"vae_psnr_db": round(float(psnr(recon, x)), 3), "eval_images": int(len(images))}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def command_line(description: str, name: str) -> argparse.ArgumentParser:
+    """The options both training scripts take: --output, --preset, --workdir (default
+    ``runs/<name>_<preset>``; :func:`workdir_of`)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--output", type=Path, required=True, help="model directory to write")
     parser.add_argument("--preset", default="full", choices=("full", "tiny"))
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="checkpoints and data cache (default runs/train_embedded_<preset>)")
-    args = parser.parse_args(argv)
-    cfg = get_config(args.preset)
-    workdir = args.workdir or Path(__file__).resolve().parents[1] / "runs" / \
-        f"train_embedded_{args.preset}"
-    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-    run(cfg, args.output, workdir, log)
+                        help=f"checkpoints and data cache (default runs/{name}_<preset>)")
+    return parser
+
+
+def workdir_of(args, name: str) -> Path:
+    return args.workdir or Path(__file__).resolve().parents[1] / "runs" / f"{name}_{args.preset}"
+
+
+def timestamped(msg: str) -> None:
+    """The scripts' log: one line with the wall-clock time, flushed (runs last hours)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = command_line(__doc__.split("\n")[0], "train_embedded").parse_args(argv)
+    run(get_config(args.preset), args.output, workdir_of(args, "train_embedded"), timestamped)
     return 0
 
 

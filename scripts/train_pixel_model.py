@@ -33,12 +33,10 @@ a killed run resume where it stopped (rerun the same command).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -136,29 +134,16 @@ def pixel_loss(params, graphdef, x0, key, alphas_cumprod, stage: PixelStage):
     """L of the module docstring on images ``x0`` in [-1, 1]; returns (loss, unweighted MSE)."""
     unet = nnx.merge(graphdef, params)
     k_t, k_eps = jax.random.split(key)
-    b = x0.shape[0]
-    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
-    eps = jax.random.normal(k_eps, x0.shape)
-    ab = alphas_cumprod[t][:, None, None, None]
-    x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
+    x_t, t, eps = emb.ddpm_noised(x0, k_t, k_eps, alphas_cumprod)
     mse = jnp.mean((unet(x_t, t) - eps) ** 2, axis=(1, 2, 3))
-    if stage.min_snr_gamma > 0:
-        snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
-        weight = jnp.minimum(snr, stage.min_snr_gamma) / snr
-    else:
-        weight = jnp.ones_like(mse)
-    return jnp.mean(weight * mse), jnp.mean(mse)
+    return emb.min_snr_loss(mse, t, alphas_cumprod, stage.min_snr_gamma)
 
 
 # ----------------------------------------------------------------------------- export
 def write_model(output: Path, cfg: PixelConfig, params) -> Path:
     """Write the DDIMPipeline-layout directory into a temporary sibling of ``output``."""
-    output = Path(output).resolve()
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("unet", "scheduler"):
-        (tmp / sub).mkdir(parents=True)
-    write = lambda path, obj: path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp = emb.staging_dir(output, ("unet", "scheduler"))
+    write = emb.write_json
     write(tmp / "model_index.json", {
         "_class_name": "DDIMPipeline", "_diffusers_version": emb.DIFFUSERS_VERSION,
         "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]})
@@ -321,11 +306,7 @@ def budget(cfg: PixelConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, required=True, help="model directory to write")
-    parser.add_argument("--preset", default="full", choices=("full", "tiny"))
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="checkpoints and data cache (default runs/train_pixel_<preset>)")
+    parser = emb.command_line(__doc__.split("\n")[0], "train_pixel")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="train up to STEP only, then export (0: export the latest "
                              "checkpoint of a run in progress)")
@@ -337,10 +318,7 @@ def main(argv=None) -> int:
     if args.budget:
         print(json.dumps(budget(cfg), indent=1))
         return 0
-    workdir = args.workdir or Path(__file__).resolve().parents[1] / "runs" / \
-        f"train_pixel_{args.preset}"
-    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-    run(cfg, args.output, workdir, log, args.stop_at)
+    run(cfg, args.output, emb.workdir_of(args, "train_pixel"), emb.timestamped, args.stop_at)
     return 0
 
 

@@ -27,6 +27,17 @@ def tiny_sd2_dir(tmp_path_factory) -> Path:
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd2"), layout="sd2", seed=1)
 
 
+@pytest.fixture(scope="module")
+def highest_precision():
+    """float32 matrix products throughout a module (``pytestmark =
+    pytest.mark.usefixtures("highest_precision")``): parity tests against torch on CPU would
+    otherwise compare against XLA's default, lower-precision passes where it has them."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module", autouse=True)
 def release_compiled_programs():
     """After each test module, drop JAX's caches of compiled programs. One pytest process

@@ -130,3 +130,13 @@ def box_inpainting_problem(batch: int):
     x = np.stack([np.stack([np.sin(3 * (b + 1) * u)[None, :] * np.cos(2 * u)[:, None]] * 3, -1)
                   for b in range(batch)]) * 0.8
     return op, x, op.forward(jnp.asarray(x))
+
+
+def inpainting_setup(model, batch: int, key_seed: int) -> dict:
+    """The solver tests' problem on ``model``: :func:`box_inpainting_problem` (op, x, y), one
+    PRNG key per sample (``split(key(key_seed), batch)``) and the null prompt's embedding C0."""
+    import jax
+
+    op, x, y = box_inpainting_problem(batch)
+    return dict(model=model, op=op, x=x, y=y, keys=jax.random.split(jax.random.key(key_seed), batch),
+                C0=model.text_embeddings([""]))

@@ -24,10 +24,7 @@ STEPS = 4
 PROMPTS = ["a red square", "a blue circle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 @pytest.mark.parametrize("layout, guidance, eta", [("sd1", 7.5, 0.0), ("sd2", 1.0, 0.0)])

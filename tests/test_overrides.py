@@ -35,7 +35,7 @@ def test_numbers_are_converted_only_where_exact():
 @pytest.mark.parametrize("name, value, message", [
     ("beta", "1", r"--set: 'beta' is not an option of --solver p2l; options: K, "),
     ("optimizer.beta", "1", r"'optimizer.beta' is not an option of --solver p2l optimizer"),
-    ("rho.x", "1", r"'rho.x': rho has no sub-options"),
+    ("rho.x", "1", r"'rho.x': rho is a float, which has no options to vary"),
     ("rho", "abc", r"--set rho: expected float, got 'abc'"),
     ("rho", "nan", r"--set rho: expected a finite number, got 'nan'"),
     ("lam", "1e400", r"--set lam: expected a finite number, got '1e400'"),

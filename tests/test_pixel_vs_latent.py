@@ -95,3 +95,11 @@ def test_run_both_parts_then_resume_from_journal(models, tmp_path, monkeypatch):
 def test_quick_preset_and_fixed_zeta_skip_the_choice():
     cfg = dataclasses.replace(pvl.get_config(True), zeta=0.5)
     assert pvl.choose_zeta(None, cfg, 0, {}, None, print) == (0.5, {})
+
+
+def test_a_zeta_at_the_grid_edge_is_flagged():
+    tuning = {"0.1": 20.0, "1.0": 22.0, "10.0": 21.0}  # JSON keys, as a reloaded record has
+    assert pvl._edge_note({"zeta": 1.0, "zeta_tuning": tuning}) == ""
+    assert "edge of the grid" in pvl._edge_note({"zeta": 10.0, "zeta_tuning": tuning})
+    assert "edge of the grid" in pvl._edge_note({"zeta": 0.1, "zeta_tuning": tuning})
+    assert pvl._edge_note({"zeta": 1.0, "zeta_tuning": {}}) == ""

@@ -1,5 +1,6 @@
 """P2L's prompt tuning as a research axis: objectives, the tuning window, the per-run learning
-rate, guidance with the tuned C, clipping, and the paper preset (tiny random SD 1.x model)."""
+rate, the prompt space (C or the text encoder's token embeddings), guidance with the tuned C,
+clipping, and the paper preset (tiny random SD 1.x model)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import p2l_jax
-from sd_fixtures import box_inpainting_problem
+from sd_fixtures import inpainting_setup
 from p2l_jax.errors import P2LError
 from p2l_jax.schedule import tweedie
 from p2l_jax.solvers import OptimizerConfig, P2LConfig, compiled_programs, gradients_at, solve
@@ -24,19 +25,12 @@ STEPS = 4
 BASE = P2LConfig(num_steps=STEPS, optimizer=OptimizerConfig(learning_rate=1e-2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd1_dir):
-    model = p2l_jax.load_model(tiny_sd1_dir)
-    op, _, y = box_inpainting_problem(2)
-    keys = jax.random.split(jax.random.key(5), 2)
-    return dict(model=model, op=op, y=y, keys=keys,
-                C0=model.text_embeddings([""]),
+    return dict(inpainting_setup(p2l_jax.load_model(tiny_sd1_dir), batch=2, key_seed=5),
                 z=jax.random.normal(jax.random.key(1), (2, 8, 8, 4)))
 
 
@@ -65,6 +59,8 @@ def test_paper_preset():
     (dict(prompt_draws=0), "prompt_draws"),
     (dict(tune_start=0.5, tune_stop=0.5), "tune_start"),
     (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(prompt_space="words"), "prompt_space"),
+    (dict(gradient="joint", prompt_space="tokens"), "prompt_space"),
 ])
 def test_bad_prompt_options_are_refused(kwargs, word):
     with pytest.raises(P2LError, match=word):
@@ -169,3 +165,57 @@ def test_clip_decoded(setup):
     d = setup["y"] - setup["op"].forward(jnp.clip(x, -1, 1))
     np.testing.assert_allclose(g.residual, jnp.sqrt(jnp.sum(d.reshape(2, -1) ** 2, axis=1)),
                                rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the token prompt space
+TOKENS = dataclasses.replace(BASE, prompt_space="tokens",
+                             optimizer=OptimizerConfig(name="sgd", learning_rate=0.5))
+
+
+def test_token_embeddings_through_the_encoder_are_the_text_embeddings(setup):
+    m = setup["model"]
+    prompts = ["", "a red square"]
+    e = m.token_embeddings(prompts)
+    assert e.shape == (2, 77, 32)
+    # eager here, jitted in text_embeddings: equal up to float32 rounding
+    np.testing.assert_allclose(m.encode_token_embeddings(e), m.text_embeddings(prompts),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_token_space_step_is_a_gradient_step_on_e_through_the_encoder(setup):
+    """K = 1, SGD: C* = T(e_0 - lr grad_e L(T(e))), the gradient taken here by jax.grad
+    outside the solver's scan; the optimizer state carries e_1."""
+    m, z = setup["model"], setup["z"]
+    e0 = jnp.broadcast_to(m.token_embeddings([""]), (2, 77, 32))
+    g = gradients_at(m, setup["op"], setup["y"], z, e0, 1, TOKENS)
+    problem, inp = _problem(setup, TOKENS)
+    loss = lambda e: OBJECTIVES["tweedie"](problem, z, inp, m.encode_token_embeddings(e)).sum()
+    g_e = jax.grad(loss)(e0)
+    assert float(jnp.abs(g_e).max()) > 0
+    e1 = e0 - 0.5 * g_e
+    np.testing.assert_allclose(g.g_C, g_e, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(g.opt_state[0], e1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g.C, m.encode_token_embeddings(e1), rtol=1e-4, atol=1e-5)
+    # not the embedding-space step: the same objective's C-step lands elsewhere
+    C0 = m.encode_token_embeddings(e0)
+    in_C = gradients_at(m, setup["op"], setup["y"], z, C0, 1,
+                        dataclasses.replace(TOKENS, prompt_space="embedding"))
+    assert float(jnp.abs(in_C.C - g.C).max()) > 1e-3
+
+
+def test_token_space_compiles_once_and_takes_its_numbers(setup):
+    """Another learning rate or window reuses the token-space program and changes C; the
+    starting C is the prompt's (solve embeds the prompt's tokens, not its C)."""
+    m = setup["model"]
+    untuned = solve(m, setup["op"], setup["y"], setup["keys"],
+                    dataclasses.replace(TOKENS, tune_prompt=False))
+    np.testing.assert_allclose(untuned.embedding, jnp.broadcast_to(setup["C0"], (2, 77, 32)),
+                               atol=1e-6)
+    first = solve(m, setup["op"], setup["y"], setup["keys"], TOKENS)
+    before = compiled_programs()
+    other = solve(m, setup["op"], setup["y"], setup["keys"], dataclasses.replace(
+        TOKENS, optimizer=OptimizerConfig(name="sgd", learning_rate=2.0), tune_stop=0.5))
+    assert compiled_programs() == before
+    assert np.isfinite(np.asarray(first.prompt_loss)).all()
+    assert np.abs(np.asarray(first.embedding) - np.asarray(untuned.embedding)).max() > 1e-4
+    assert np.abs(np.asarray(other.embedding) - np.asarray(first.embedding)).max() > 1e-4

@@ -396,6 +396,6 @@ def test_set_overrides_solver_config_fields():
     for bad, message in [("foo=1", "not an option of --solver p2l"), ("rho=abc", "expected float"),
                          ("lam", "expected FIELD=VALUE"), ("project_every=0", "project_every"),
                          ("gamma=4", "not an option of --solver p2l"),
-                         ("rho.x=1", "no sub-options")]:
+                         ("rho.x=1", "has no options to vary")]:
         with pytest.raises(P2LError, match=message):
             config(bad)

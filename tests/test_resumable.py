@@ -130,5 +130,11 @@ def test_store_round_trip_of_a_p2l_carry(tmp_path):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     messages = []
-    assert resumable.InflightStore(tmp_path / "c", "run-b", messages.append).load(like) is None
+    other = resumable.InflightStore(tmp_path / "c", "run-b", messages.append)
+    assert other.load(like) is None
     assert "other settings (step 4) ignored" in messages[0]
+    # ... but kept until run-b saves its own: a run-b that dies before saving loses nothing
+    assert resumable.InflightStore(tmp_path / "c", "run-a").load(like)[1] == 4
+    other.save(carry, 2)
+    assert resumable.InflightStore(tmp_path / "c", "run-b").load(like)[1] == 2
+    assert resumable.InflightStore(tmp_path / "c", "run-a", messages.append).load(like) is None

@@ -20,7 +20,7 @@ from p2l_jax.solvers.common import initial_latents, step_noise
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from benchmarks import torch_reference as ref  # noqa: E402
-from sd_fixtures import box_inpainting_problem  # noqa: E402
+from sd_fixtures import inpainting_setup  # noqa: E402
 
 STEPS = 5
 # project_every 2: projections at steps 1 and 3; lr 1e-2 so tuning moves C visibly within 5 steps
@@ -28,24 +28,18 @@ P2L = P2LConfig(num_steps=STEPS, eta=0.5, project_every=2, optimizer=OptimizerCo
 LDPS = LDPSConfig(num_steps=STEPS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd1_dir):
-    model = p2l_jax.load_model(tiny_sd1_dir)
-    op, x, y = box_inpainting_problem(3)
-    mask = np.asarray(op.mask)[0, :, :, 0]  # (64, 64)
+    s = inpainting_setup(p2l_jax.load_model(tiny_sd1_dir), batch=3, key_seed=7)
+    mask = np.asarray(s["op"].mask)[0, :, :, 0]  # (64, 64)
     torch_mods = dict(
         unet=diffusers.UNet2DConditionModel.from_pretrained(tiny_sd1_dir, subfolder="unet").eval(),
         vae=diffusers.AutoencoderKL.from_pretrained(tiny_sd1_dir, subfolder="vae").eval(),
         scheduler=diffusers.DDIMScheduler.from_pretrained(tiny_sd1_dir, subfolder="scheduler"))
-    keys = jax.random.split(jax.random.key(7), 3)
-    return dict(model=model, op=op, y=y, mask=mask, keys=keys, torch=torch_mods,
-                C0=model.text_embeddings([""]))
+    return dict(s, mask=mask, torch=torch_mods)
 
 
 def _t(a):  # NHWC jax -> NCHW torch

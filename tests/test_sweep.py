@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from p2l_jax.errors import P2LError
@@ -94,6 +95,10 @@ def test_grid_forms_and_errors():
         with_values(P2LConfig(), {"beta": 1.0})
     with pytest.raises(P2LError, match="project_every"):
         with_values(P2LConfig(), {"project_every": 0})
+    with pytest.raises(P2LError, match="'optimizer.learning_rate': optimizer is a Gradient"):
+        with_values(P2LConfig(optimizer=optax.sgd(0.1)), {"optimizer.learning_rate": 0.2})
+    with pytest.raises(P2LError, match="rho is a float, which has no options"):
+        with_values(P2LConfig(), {"rho.x": 0.2})
     with pytest.raises(P2LError, match="K changes the program"):
         sweep(None, None, None, None, P2LConfig(), {"K": [1, 2]})
     with pytest.raises(P2LError, match="num_steps changes the program"):

@@ -4,30 +4,20 @@ stages, the diffusers-layout export, and that diffusers / transformers (PyTorch)
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_embedded_model.py"
+from script_loader import load_script
+
 PROMPTS = ["a large red striped circle on a dark background, left", ""]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_embedded_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Run the tiny preset once: (script module, model dir, workdir, summary, log lines)."""
-    script = _load_script()
+    script = load_script("train_embedded_model")
     root = tmp_path_factory.mktemp("train_embedded")
     out, work, logs = root / "model", root / "work", []
     summary = script.run(script.get_config("tiny"), out, work, logs.append)

@@ -1,68 +1,92 @@
-"""scripts/train_pixel_model.py at its ``tiny`` preset: a run killed mid-training resumes from
-its checkpoint, the export is a diffusers DDIMPipeline directory that diffusers (PyTorch) and
-``p2l_jax.load_model`` read as the same network, and the wall time adds up over both runs."""
+"""scripts/train_pixel_model.py at a reduced ``tiny`` preset: a run killed mid-training resumes
+from its checkpoint, the export is a diffusers DDIMPipeline directory that diffusers (PyTorch)
+and ``p2l_jax.load_model`` read as the same network, and the wall time adds up over both runs.
+
+One training (killed, then resumed) serves every test. Each run of the script jits its own
+training step and evaluation; a persistent compilation cache (this module only) lets the
+resumed run and the export-only run load the programs the first run compiled."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_pixel_model.py"
+from script_loader import load_script
 
 
 class Killed(Exception):
     pass
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_pixel_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
+def tiny_config(script):
+    """The ``tiny`` preset with 2 images per batch and for evaluation and 4 steps, a
+    checkpoint every 2: the same code paths (attention level, EMA, min-SNR loss) for less
+    compute."""
+    cfg = script.get_config("tiny")
+    stage = dataclasses.replace(cfg.stage, batch_size=2, steps=4)
+    return dataclasses.replace(cfg, eval_size=2, ckpt_every=2, stage=stage)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny run killed after its step-3 checkpoint, then rerun to the end."""
-    script = _load_script()
+def compilation_cache(tmp_path_factory):
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    new = (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)
+    for name, value in zip(names, new):
+        jax.config.update(name, value)
+    cc.reset_cache()
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, compilation_cache):
+    """A run killed after its step-2 checkpoint (during step 3's log), then rerun to the end."""
+    script = load_script("train_pixel_model")
     root = tmp_path_factory.mktemp("train_pixel")
     out, work, first, second = root / "model", root / "work", [], []
+    cfg = tiny_config(script)
+    kill_at = cfg.ckpt_every + 1
 
     def killing_log(msg):
         first.append(msg)
-        if msg.startswith("pixel: step 4/"):
+        if msg.startswith(f"pixel: step {kill_at}/"):
             raise Killed
 
-    cfg = script.get_config("tiny")
     with pytest.raises(Killed):
         script.run(cfg, out, work, killing_log)
     wall_first = json.loads(next(work.glob("wall_*.json")).read_text())["wall_s"]
     summary = script.run(cfg, out, work, second.append)
-    return script, out, summary, first, second, wall_first
+    return script, cfg, out, summary, first, second, wall_first
 
 
 def test_killed_run_resumes_at_its_checkpoint(trained):
-    _, out, summary, first, second, wall_first = trained
-    assert not out.exists() or any("resumed" in m for m in second)
-    assert [m for m in second if "resumed" in m] == [
-        m for m in second if m.startswith("pixel: resumed") and m.endswith("at step 3")]
-    assert len([m for m in second if "resumed" in m]) == 1, second
+    _, cfg, out, summary, first, second, wall_first = trained
+    steps, saved = cfg.stage.steps, cfg.ckpt_every
+    assert not [m for m in first if "resumed" in m]
+    resumed = [m for m in second if "resumed" in m]
+    assert len(resumed) == 1 and resumed[0].startswith("pixel: resumed"), second
+    assert resumed[0].endswith(f"at step {saved}"), resumed
     trained_steps = [int(m.split()[2].split("/")[0]) for m in second
                      if m.startswith("pixel: step ") and "loss" in m]
-    assert trained_steps == [4, 5, 6], second
+    assert trained_steps == list(range(saved + 1, steps + 1)), second
     losses = [h["loss"] for h in summary["history"] if "loss" in h]
-    assert len(losses) == 6 and np.all(np.isfinite(losses))  # history survives the resume
+    assert len(losses) == steps and np.all(np.isfinite(losses))  # history survives the resume
+    assert summary["trained_steps"] == steps
     assert summary["timings"]["wall_s_all_runs"] > wall_first > 0
 
 
 def test_export_is_a_ddim_pipeline_that_diffusers_and_p2l_read_alike(trained):
-    script, out, summary, *_ = trained
+    script, _, out, summary, *_ = trained
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from p2l_jax import load_model
@@ -91,12 +115,11 @@ def test_export_is_a_ddim_pipeline_that_diffusers_and_p2l_read_alike(trained):
 
 
 def test_stop_at_zero_exports_the_checkpoint_without_training(trained, tmp_path):
-    script, out, summary, *_ = trained
+    script, cfg, out, summary, *_ = trained
     work = next(p for p in out.parent.iterdir() if p.name == "work")
     logs = []
-    again = script.run(script.get_config("tiny"), tmp_path / "export", work, logs.append,
-                       stop_at=0)
+    again = script.run(cfg, tmp_path / "export", work, logs.append, stop_at=0)
     assert not [m for m in logs if m.startswith("pixel: step ")], logs
-    assert again["trained_steps"] == summary["trained_steps"] == 6
+    assert again["trained_steps"] == summary["trained_steps"] == cfg.stage.steps
     part = "unet/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "export" / part).read_bytes() == (out / part).read_bytes()

@@ -103,7 +103,9 @@ def _layer_norm(config: CLIPTextConfig, param_dtype, rngs: nnx.Rngs) -> nnx.Laye
 
 
 class CLIPTextEmbeddings(nnx.Module):
-    """h_0 = E_tok[w] + E_pos[arange(L)]."""
+    """h_0 = E_tok[w] + E_pos[arange(L)], in two parts: ``token_embedding(w)`` = E_tok[w] and
+    :meth:`with_positions`, so that token embeddings e other than rows of E_tok (textual
+    inversion, P2L's ``prompt_space="tokens"``) enter the encoder as ids do."""
 
     def __init__(self, config: CLIPTextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.token_embedding = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
@@ -112,8 +114,11 @@ class CLIPTextEmbeddings(nnx.Module):
                                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        positions = jnp.arange(input_ids.shape[-1])
-        return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+        return self.with_positions(self.token_embedding(input_ids))
+
+    def with_positions(self, e: jax.Array) -> jax.Array:
+        """h_0 = e + E_pos[arange(L)] for token embeddings e (B, L, d)."""
+        return e + self.position_embedding(jnp.arange(e.shape[-2]))[None]
 
 
 class CLIPAttention(nnx.Module):
@@ -205,8 +210,17 @@ class CLIPTextModel(nnx.Module):
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise P2LError(f"CLIPTextModel: input_ids must be integer (B, L), got "
                            f"{input_ids.dtype} {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise P2LError(f"CLIPTextModel: sequence length {input_ids.shape[1]} exceeds "
+        return self.encode_token_embeddings(self.embeddings.token_embedding(input_ids))
+
+    def encode_token_embeddings(self, e: jax.Array) -> jax.Array:
+        """last_hidden_state from token embeddings e (B, L, d) in place of E_tok[w]:
+        positions are added as for ids, so ``encode_token_embeddings(token_embedding(w))``
+        is ``self(w)``."""
+        if e.ndim != 3 or e.shape[2] != self.config.hidden_size:
+            raise P2LError(f"CLIPTextModel: token embeddings must be (B, L, "
+                           f"{self.config.hidden_size}), got {tuple(e.shape)}")
+        if e.shape[1] > self.config.max_position_embeddings:
+            raise P2LError(f"CLIPTextModel: sequence length {e.shape[1]} exceeds "
                            f"max_position_embeddings={self.config.max_position_embeddings}")
-        h = self.encoder(self.embeddings(input_ids).astype(self.dtype))
+        h = self.encoder(self.embeddings.with_positions(e).astype(self.dtype))
         return self.final_layer_norm(h).astype(self.dtype)

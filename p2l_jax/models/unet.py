@@ -152,6 +152,66 @@ class TimestepEmbedding(nnx.Module):
         return self.linear_2(jax.nn.silu(self.linear_1(e)))
 
 
+# ---- the UNet skeleton shared with the pixel-space UNet2DModel (models/unet_pixel.py) -------
+def build_down_blocks(b: Build, channels, layers, has_attention, downsample_padding: int,
+                      resnet, attention) -> nnx.List:
+    """Down block i: ``layers[i]`` resnets (channels[i - 1] -> channels[i] first), as many
+    attentions ``attention(channels[i], i)`` if ``has_attention[i]``, and a stride-2
+    downsampler except on the last block."""
+    ch, n, blocks = channels, len(channels), []
+    for i in range(n):
+        cin = ch[max(i - 1, 0)]
+        blocks.append(DownBlock(
+            [resnet(cin if j == 0 else ch[i], ch[i]) for j in range(layers[i])],
+            [attention(ch[i], i) for _ in range(layers[i])] if has_attention[i] else None,
+            Downsample2D(b, ch[i], downsample_padding) if i < n - 1 else None))
+    return nnx.List(blocks)
+
+
+def build_up_blocks(b: Build, channels, layers, has_attention, resnet, attention) -> nnx.List:
+    """Up block i mirrors down block r = n - 1 - i: ``layers[r] + 1`` resnets, each taking h
+    concatenated with one skip state (the last one the skip of the block below: channels
+    channels[r - 1]), as many attentions ``attention(channels[r], r)`` if
+    ``has_attention[i]``, and a nearest-x2 upsampler except on the last block."""
+    ch, n, blocks = channels, len(channels), []
+    for i in range(n):
+        r = n - 1 - i  # the down block this up block mirrors
+        prev, out, skip_in = ch[min(r + 1, n - 1)], ch[r], ch[max(r - 1, 0)]
+        num = layers[r] + 1
+        blocks.append(UpBlock(
+            [resnet((prev if j == 0 else out) + (skip_in if j == num - 1 else out), out)
+             for j in range(num)],
+            [attention(out, r) for _ in range(num)] if has_attention[i] else None,
+            Upsample2D(b, out) if i < n - 1 else None))
+    return nnx.List(blocks)
+
+
+def timestep_vector(timesteps, batch: int) -> jax.Array:
+    """Timesteps as (B,): a scalar or a (1,) / (B,) vector (P2LError otherwise)."""
+    t = jnp.asarray(timesteps)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+        raise P2LError(f"timesteps must be a scalar or shape ({batch},), got {tuple(t.shape)}")
+    return jnp.broadcast_to(t.reshape(-1), (batch,))
+
+
+def unet_forward(net: nnx.Module, sample: jax.Array, temb: jax.Array, context=None):
+    """conv_in, the down blocks (collecting skips), the mid block, the up blocks (each resnet
+    consuming one skip, last in first out; each upsampler to the next skip's size, as
+    diffusers' ``upsample_size``), then conv_out(silu(conv_norm_out(h)))."""
+    h = net.conv_in(sample.astype(net.dtype))
+    skips = [h]
+    for block in net.down_blocks:
+        h, states = block(h, temb, context)
+        skips.extend(states)
+    if net.mid_block is not None:
+        h = net.mid_block(h, temb, context)
+    for block in net.up_blocks:
+        mine, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+        size = tuple(skips[-1].shape[1:3]) if skips else None
+        h = block(h, mine, temb, context, size)
+    return net.conv_out(jax.nn.silu(net.conv_norm_out(h)))
+
+
 class UNet2DConditionModel(nnx.Module):
     """eps_theta(sample NHWC, timesteps (B,) or scalar, encoder_hidden_states (B, L, d)) -> NHWC.
 
@@ -180,31 +240,17 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_in = b.conv(c.in_channels, ch[0])
         self.time_embedding = TimestepEmbedding(b, ch[0], temb_dim)
 
-        down = []
-        for i, kind in enumerate(c.down_block_types):
-            cin = ch[max(i - 1, 0)]
-            down.append(DownBlock(
-                [resnet(cin if j == 0 else ch[i], ch[i]) for j in range(layers[i])],
-                [transformer(ch[i], i) for _ in range(layers[i])]
-                if DOWN_BLOCK_TYPES[kind] else None,
-                Downsample2D(b, ch[i], c.downsample_padding) if i < n - 1 else None))
-        self.down_blocks = nnx.List(down)
+        self.down_blocks = build_down_blocks(
+            b, ch, layers, [DOWN_BLOCK_TYPES[k] for k in c.down_block_types],
+            c.downsample_padding, resnet, transformer)
 
         self.mid_block = (MidBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])],
                                    [transformer(ch[-1], n - 1)])
                           if c.mid_block_type is not None else None)
 
-        up = []
-        for i, kind in enumerate(c.up_block_types):
-            r = n - 1 - i  # the down block this up block mirrors
-            prev, out, skip_in = ch[min(r + 1, n - 1)], ch[r], ch[max(r - 1, 0)]
-            num = layers[r] + 1
-            up.append(UpBlock(
-                [resnet((prev if j == 0 else out) + (skip_in if j == num - 1 else out), out)
-                 for j in range(num)],
-                [transformer(out, r) for _ in range(num)] if UP_BLOCK_TYPES[kind] else None,
-                Upsample2D(b, out) if i < n - 1 else None))
-        self.up_blocks = nnx.List(up)
+        self.up_blocks = build_up_blocks(b, ch, layers,
+                                         [UP_BLOCK_TYPES[k] for k in c.up_block_types],
+                                         resnet, transformer)
 
         self.conv_norm_out = b.group_norm(groups, ch[0], eps)
         self.conv_out = b.conv(ch[0], c.out_channels)
@@ -214,28 +260,11 @@ class UNet2DConditionModel(nnx.Module):
         if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
             raise P2LError(f"UNet sample must be NHWC with {c.in_channels} channels, got shape "
                            f"{tuple(sample.shape)}")
-        t = jnp.asarray(timesteps)
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, sample.shape[0])):
-            raise P2LError(f"timesteps must be a scalar or shape ({sample.shape[0]},), got "
-                           f"{tuple(t.shape)}")
-        t = jnp.broadcast_to(t.reshape(-1), (sample.shape[0],))
+        t = timestep_vector(timesteps, sample.shape[0])
         cross = c.per_block("cross_attention_dim")[0]
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cross:
             raise P2LError(f"encoder_hidden_states must be (B, L, {cross}) "
                            f"(cross_attention_dim), got {tuple(encoder_hidden_states.shape)}")
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(emb.astype(self.dtype))
-        context = encoder_hidden_states.astype(self.dtype)
-
-        h = self.conv_in(sample.astype(self.dtype))
-        skips = [h]
-        for block in self.down_blocks:
-            h, states = block(h, temb, context)
-            skips.extend(states)
-        if self.mid_block is not None:
-            h = self.mid_block(h, temb, context)
-        for block in self.up_blocks:
-            mine, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
-            size = tuple(skips[-1].shape[1:3]) if skips else None
-            h = block(h, mine, temb, context, size)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
+        return unet_forward(self, sample, temb, encoder_hidden_states.astype(self.dtype))

@@ -38,10 +38,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from p2l_jax.errors import P2LError
-from p2l_jax.models.blocks import DownBlock, MidBlock, UpBlock
+from p2l_jax.models.blocks import MidBlock
 from p2l_jax.models.configs import check_block_counts, config_from_dict
-from p2l_jax.models.layers import Attention, Build, Downsample2D, ResnetBlock2D, Upsample2D
-from p2l_jax.models.unet import TimestepEmbedding, timestep_embedding
+from p2l_jax.models.layers import Attention, Build, ResnetBlock2D
+from p2l_jax.models.unet import (TimestepEmbedding, build_down_blocks, build_up_blocks,
+                                 timestep_embedding, timestep_vector, unet_forward)
 
 # block type -> has self attention
 DOWN_BLOCK_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}
@@ -138,7 +139,7 @@ class UNet2DModel(nnx.Module):
         def resnet(cin, cout):
             return ResnetBlock2D(b, cin, cout, temb_dim, groups, eps)
 
-        def attention(channels, norm_groups=groups):
+        def attention(channels, level=None, norm_groups=groups):  # alike at every level
             head = c.attention_head_dim or channels
             return Attention(b, channels, channels // head, head, qkv_bias=True,
                              norm_groups=norm_groups, eps=eps, residual_connection=True)
@@ -146,31 +147,19 @@ class UNet2DModel(nnx.Module):
         self.conv_in = b.conv(c.in_channels, ch[0])
         self.time_embedding = TimestepEmbedding(b, ch[0], temb_dim)
 
-        down = []
-        for i, kind in enumerate(c.down_block_types):
-            cin = ch[max(i - 1, 0)]
-            down.append(DownBlock(
-                [resnet(cin if j == 0 else ch[i], ch[i]) for j in range(layers)],
-                [attention(ch[i]) for _ in range(layers)] if DOWN_BLOCK_TYPES[kind] else None,
-                Downsample2D(b, ch[i], c.downsample_padding) if i < n - 1 else None))
-        self.down_blocks = nnx.List(down)
+        self.down_blocks = build_down_blocks(
+            b, ch, (layers,) * n, [DOWN_BLOCK_TYPES[k] for k in c.down_block_types],
+            c.downsample_padding, resnet, attention)
 
         self.mid_block = (MidBlock([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])],
-                                   [attention(ch[-1], c.attn_norm_num_groups or groups)]
+                                   [attention(ch[-1], norm_groups=c.attn_norm_num_groups
+                                              or groups)]
                                    if c.add_attention else None)
                           if c.mid_block_type is not None else None)
 
-        up = []
-        for i, kind in enumerate(c.up_block_types):
-            r = n - 1 - i  # the down block this up block mirrors
-            prev, out, skip_in = ch[min(r + 1, n - 1)], ch[r], ch[max(r - 1, 0)]
-            num = layers + 1
-            up.append(UpBlock(
-                [resnet((prev if j == 0 else out) + (skip_in if j == num - 1 else out), out)
-                 for j in range(num)],
-                [attention(out) for _ in range(num)] if UP_BLOCK_TYPES[kind] else None,
-                Upsample2D(b, out) if i < n - 1 else None))
-        self.up_blocks = nnx.List(up)
+        self.up_blocks = build_up_blocks(b, ch, (layers,) * n,
+                                         [UP_BLOCK_TYPES[k] for k in c.up_block_types],
+                                         resnet, attention)
 
         self.conv_norm_out = b.group_norm(groups, ch[0], eps)
         self.conv_out = b.conv(ch[0], c.out_channels)
@@ -182,22 +171,9 @@ class UNet2DModel(nnx.Module):
                 or sample.shape[1] % f or sample.shape[2] % f):
             raise P2LError(f"UNet2DModel sample must be NHWC with {c.in_channels} channels and "
                            f"sides divisible by {f}, got shape {tuple(sample.shape)}")
-        t = jnp.asarray(timesteps)
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, sample.shape[0])):
-            raise P2LError(f"timesteps must be a scalar or shape ({sample.shape[0]},), got "
-                           f"{tuple(t.shape)}")
-        t = jnp.broadcast_to(t.reshape(-1), (sample.shape[0],))
+        t = timestep_vector(timesteps, sample.shape[0])
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(emb.astype(self.dtype))
-
-        h = self.conv_in(sample.astype(self.dtype))
-        skips = [h]
-        for block in self.down_blocks:
-            h, states = block(h, temb)
-            skips.extend(states)
-        if self.mid_block is not None:
-            h = self.mid_block(h, temb)
-        for block in self.up_blocks:
-            mine, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
-            h = block(h, mine, temb)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
+        # sides divisible by 2 ** (blocks - 1) (checked above), so each upsampler's target
+        # size is exactly 2x: diffusers' forward for this model, which passes no size
+        return unet_forward(self, sample, temb)

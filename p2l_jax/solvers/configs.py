@@ -28,6 +28,7 @@ import optax
 from p2l_jax.errors import P2LError
 from p2l_jax.solvers.gradients import VARIANTS
 from p2l_jax.solvers.prompt_objectives import OBJECTIVES
+from p2l_jax.solvers.prompt_space import SPACES
 
 PROJECTIONS = ("prox", "glue", "none")
 
@@ -234,6 +235,10 @@ class P2LConfig:
       prompt_draws: M, the noise draws of the "renoised" and "marginal" objectives [ours: 4].
       tune_start, tune_stop: step i tunes the prompt when tune_start <= i / N < tune_stop
         [paper: every step, (0, 1)].
+      prompt_space: the tuned variable (p2l_jax.solvers.prompt_space): "embedding", C
+        itself [paper], or "tokens", the text encoder's input token embeddings e with
+        C = T(e) recomputed through the encoder at each update [ours, textual-inversion
+        style]. With "tokens", ``solve``'s ``embedding`` argument is the starting e.
       guidance_scale: classifier-free guidance w with the tuned C, every eps being
         eps(z, C_neg) + w (eps(z, C) - eps(z, C_neg)), C_neg the embedding of
         ``negative_prompt`` [reimpl: 1, no guidance, as LATINO-PRO; TReg samples with 4].
@@ -263,6 +268,7 @@ class P2LConfig:
     guidance_scale: float = setting(1.0)
     negative_prompt: str = ""
     clip_decoded: bool = False
+    prompt_space: str = "embedding"
 
     @classmethod
     def paper(cls, **overrides) -> "P2LConfig":
@@ -304,6 +310,11 @@ class P2LConfig:
         if self.gradient == "joint" and self.prompt_objective != "tweedie":
             raise P2LError("option gradient='joint' derives g_C from the residual r, so it "
                            f"needs prompt_objective='tweedie', not {self.prompt_objective!r}")
+        if self.prompt_space not in SPACES:
+            raise P2LError(f"option prompt_space={self.prompt_space!r} is not one of {SPACES}")
+        if self.gradient == "joint" and self.prompt_space != "embedding":
+            raise P2LError("option gradient='joint' updates C from the residual's gradient in "
+                           f"C, so it needs prompt_space='embedding', not {self.prompt_space!r}")
         if not isinstance(self.prompt_draws, int) or self.prompt_draws < 1:
             raise P2LError(f"option prompt_draws={self.prompt_draws!r} must be a positive int")
         if not 0.0 <= self.tune_start < self.tune_stop:

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 from p2l_jax.errors import P2LError
 from p2l_jax.operators.base import measurement_shape
 from p2l_jax.solvers import program
-from p2l_jax.solvers.common import State, prompt_init
+from p2l_jax.solvers.common import State
 from p2l_jax.solvers.configs import Structure, split
 from p2l_jax.solvers.gradients import VARIANTS
 from p2l_jax.solvers.guided import fidelity_objective
 from p2l_jax.solvers.program import SolveResult, make_problem, step_inputs
+from p2l_jax.solvers.prompt_space import prompt_start, space_of, start_variable
 from p2l_jax.solvers.registry import solver_of
 from p2l_jax.solvers.resumable import Programs, run, run_identity
 
@@ -47,16 +48,20 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
     """Run the solver ``config`` on measurement ``y = A x + n`` of operator ``operator``.
 
     Args:
-      model: a :class:`p2l_jax.model.LatentDiffusionModel` (a pytree).
+      model: a :class:`p2l_jax.model.LatentDiffusionModel` or
+        :class:`p2l_jax.pixel_model.PixelDiffusionModel` (a pytree).
       operator: the forward operator A (a pytree with forward/adjoint/prox); None for DDIM.
       y: the measurement (B, ...); None for DDIM sampling (then B = number of keys).
       key: one PRNG key (split per sample by index) or a batch of B keys.
-      config: P2LConfig, LDPSConfig, GMLDPSConfig, PSLDConfig or DDIMConfig. Its settings
+      config: P2LConfig, LDPSConfig, GMLDPSConfig, PSLDConfig, DPSConfig or DDIMConfig (the
+        configs of :data:`p2l_jax.solvers.registry.SOLVERS`). Its settings
         (rho, lam, eta, learning rate, ...) are arrays of the program: another value
         reuses the compiled program; its structure (num_steps, gradient, K, ...) is static.
       latent_size: (h, w) of the latents; default the model's native sample size.
       embedding: starting text embedding C0, (1 or B, 77, d), instead of ``config.prompt``'s;
-        an array argument, so per-sample captions share one compiled program.
+        an array argument, so per-sample captions share one compiled program. With
+        ``prompt_space="tokens"`` it is the starting token embeddings e_0 instead
+        (:meth:`~p2l_jax.model.LatentDiffusionModel.token_embeddings`).
       negative_embedding: DDIM guidance's unconditional embedding, instead of
         ``config.negative_prompt``'s.
       chunk_steps: None (default): one jitted program, one ``lax.scan`` over all steps.
@@ -87,8 +92,9 @@ def solve(model, operator, y, key, config, *, latent_size: tuple[int, int] | Non
 
 class Prepared(NamedTuple):
     """``solve``'s checked arguments: y (B, ...) or None, per-sample keys (B,), C0 (1 or B,
-    77, d), C_neg (1 or B, 77, d) or None, the static latent shape (h, w, c), and the
-    config's structure and settings."""
+    77, d; the starting token embeddings e_0 with ``prompt_space="tokens"``), C_neg (1 or B,
+    77, d) or None, the static latent shape (h, w, c), and the config's structure and
+    settings."""
 
     y: jax.Array | None
     keys: jax.Array
@@ -122,8 +128,8 @@ def prepare(model, operator, y, key, config, *, latent_size=None, embedding=None
         if expected != tuple(y.shape):
             raise P2LError(f"measurement y has shape {tuple(y.shape)} but the operator maps "
                            f"images {image_shape} to {expected}")
-    C0 = model.text_embeddings([config.prompt]) if embedding is None else _embedding(
-        embedding, batch, "embedding")
+    C0 = (start_variable(model, config.prompt, space_of(structure)) if embedding is None
+          else _embedding(embedding, batch, "embedding"))
     C_neg = None
     if getattr(structure, "guidance", False):
         C_neg = (model.text_embeddings([config.negative_prompt]) if negative_embedding is None
@@ -143,7 +149,7 @@ def _gradients_at(model, operator, y, z_t, C, C_neg, index, settings, *, structu
     keys = per_sample_keys(jax.random.key(0), z_t.shape[0])
     problem = make_problem(model, operator, y, keys, structure, settings, C_neg)
     inputs = jax.tree_util.tree_map(lambda a: a[index], step_inputs(model, structure, settings, 1))
-    state = State(z_t, C, prompt_init(problem, C) if problem.optimizer is not None else ())
+    state = State(z_t, *prompt_start(problem, C))
     return VARIANTS[structure.gradient](problem, state, inputs, fidelity_objective(problem),
                                         getattr(structure, "tune_prompt", False),
                                         getattr(structure, "K", 1))
@@ -152,7 +158,9 @@ def _gradients_at(model, operator, y, z_t, C, C_neg, index, settings, *, structu
 def gradients_at(model, operator, y, z_t, C, index: int, config):
     """The configured gradient variant at one point (z_t, C) of step ``index`` with a fresh
     optimizer state and the fidelity objective r: a GradientResult (eps, z0hat, g_z, C*, S,
-    prompt loss before tuning, g_C, r at the g_z point). For tests, research and benchmarks."""
+    prompt loss before tuning, g_C, r at the g_z point). With ``prompt_space="tokens"``, C is
+    the token embeddings e (the point is (z_t, T(e))) and g_C is g_e. For tests, research and
+    benchmarks."""
     structure, settings = split(config)
     C_neg = (model.text_embeddings([config.negative_prompt])
              if getattr(structure, "guidance", False) else None)

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from p2l_jax.metrics import measurement_residual
-from p2l_jax.solvers.common import Problem, State, StepInput, initial_latents, prompt_init
+from p2l_jax.solvers.common import Problem, State, StepInput, initial_latents
 from p2l_jax.solvers.configs import Structure, build_optimizer
+from p2l_jax.solvers.prompt_space import prompt_start
 from p2l_jax.solvers.registry import solver_of
 
 
@@ -121,11 +122,10 @@ def step_inputs(model, structure: Structure, settings, k: int) -> StepInput:
 
 
 def initial_state(problem: Problem, C0, latent_shape) -> State:
-    B = problem.keys.shape[0]
+    """z_T and (C_0, S_0) from the starting prompt variable C0 (the embedding, or the token
+    embeddings e_0 with ``prompt_space="tokens"``: :mod:`p2l_jax.solvers.prompt_space`)."""
     z_T = initial_latents(problem.keys, latent_shape)
-    C = jnp.broadcast_to(C0, (B,) + C0.shape[1:]).astype(jnp.float32)
-    opt_state = prompt_init(problem, C) if problem.optimizer is not None else ()
-    return State(z_T, C, opt_state)
+    return State(z_T, *prompt_start(problem, C0))
 
 
 def start(model, operator, y, keys, C0, C_neg, settings, *, structure: Structure,

@@ -29,6 +29,10 @@ in C depends on sample b alone. n is the number of measurement entries; sg is st
   Unlike the residual objectives it asks which caption makes y's likely images likely, not
   which caption makes one denoising step land on y.
 
+In which variable (structure ``prompt_space``, :mod:`p2l_jax.solvers.prompt_space`): the
+objectives read C; :func:`tune_prompt` descends them in C itself [paper] or in the text
+encoder's input token embeddings e with C = T(e) [ours].
+
 Where in the schedule (settings ``tune_start``, ``tune_stop``, fractions of the run [ours]):
 step i tunes when tune_start <= i / N < tune_stop; (0, 1) is every step (the paper), (0, f)
 the first, noisiest fraction f, (w, 1) a warm-up of w N steps without tuning. Outside the
@@ -46,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from p2l_jax.schedule import tweedie
+from p2l_jax.solvers import prompt_space
 from p2l_jax.solvers.common import Problem, prompt_loss_from_residual, prompt_update, residual
 
 #: Stream folded into a sample's key for prompt-objective draws (z_T uses 0, step i's DDIM
@@ -121,27 +126,30 @@ def in_window(problem: Problem, index) -> jax.Array:
 
 
 def tune_prompt(problem: Problem, z_t, inp, C, opt_state, K: int):
-    """P2L step 1 inside the window: K times g_C = grad_C sum_b L_b(C); (C, S) = optax update.
-    Outside it, C and S unchanged and the losses NaN.
+    """P2L step 1 inside the window: K times g_v = grad_v sum_b L_b(C(v)); (v, S) = optax
+    update, v the tuned variable of the prompt space (C itself, or the token embeddings e with
+    C = T(e): :mod:`p2l_jax.solvers.prompt_space`). Outside it, C and S unchanged and the
+    losses NaN.
 
-    Returns (C*, S, loss before the first update (B,), last gradient g_C).
+    Returns (C*, S, loss before the first update (B,), last gradient g_v).
     """
     objective = OBJECTIVES[problem.structure.prompt_objective]
+    to_C = prompt_space.to_embedding(problem)
 
-    def total(C):
-        loss = objective(problem, z_t, inp, C)
+    def total(v):
+        loss = objective(problem, z_t, inp, to_C(v))
         return loss.sum(), loss
 
     def one(carry, _):
-        C, S = carry
-        g, loss = jax.grad(total, has_aux=True)(C)
-        C, S = prompt_update(problem, g, C, S)
-        return (C, S), (loss, g)
+        v, S = carry
+        g, loss = jax.grad(total, has_aux=True)(v)
+        v, S = prompt_update(problem, g, v, S)
+        return (v, S), (loss, g)
 
     def tune(args):
-        C, S = args
-        (C, S), (losses, grads) = jax.lax.scan(one, (C, S), None, length=K)
-        return C, S, losses[0], grads[-1]
+        v, S = prompt_space.variable(problem, *args)
+        (v, S), (losses, grads) = jax.lax.scan(one, (v, S), None, length=K)
+        return (*prompt_space.carried(problem, v, S), losses[0], grads[-1])
 
     def skip(args):
         C, S = args

@@ -18,7 +18,8 @@ next to a JSON ``meta`` holding the step and a fingerprint
 (:func:`p2l_jax.fingerprint.tree_fingerprint`) of the run's identity (config,
 operator, y, keys, embeddings, latent shape, model path and dtype) and k. A rerun with the
 same fingerprint restores the carry and runs only the remaining chunks; a checkpoint with
-another fingerprint is ignored with a message and replaced as the run goes.
+another fingerprint is ignored with a message and kept until this run saves its own (so a
+rerun with other settings that dies before its first save loses no one's progress).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class InflightStore:
         import orbax.checkpoint as ocp  # heavy: only runs that checkpoint pay for it
 
         self.directory, self.key, self.log, self._ocp = Path(directory), key, log, ocp
+        self._foreign = False  # a checkpoint of another run is there (deleted at our save)
         if self.directory.exists() and not self.directory.is_dir():
             raise P2LError(f"option checkpoint: {self.directory} exists and is not a folder")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -86,8 +88,9 @@ class InflightStore:
                 meta=ocp.args.JsonRestore()))["meta"]
             if meta.get("fingerprint") != self.key:
                 self.log(f"{self.directory}: in-flight checkpoint of other settings (step "
-                         f"{step}) ignored; starting from step 0")
-                self.clear()
+                         f"{step}) ignored; starting from step 0 (it is replaced at this "
+                         "run's first save)")
+                self._foreign = True
                 return None
             leaves, treedef = jax.tree_util.tree_flatten(like)
             target = {f"{i:04d}": np.asarray(a) for i, a in enumerate(leaves)}
@@ -104,6 +107,9 @@ class InflightStore:
 
     def save(self, carry: Carry, step: int) -> None:
         ocp = self._ocp
+        if self._foreign:  # only now is the other run's state replaced by ours
+            self.clear()
+            self._foreign = False
         leaves = {f"{i:04d}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(carry))}
         self._manager.save(step, args=ocp.args.Composite(
             carry=ocp.args.StandardSave(leaves),
