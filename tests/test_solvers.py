@@ -55,7 +55,7 @@ def _torch_inputs(s, cfg):
     shape = (8, 8, 4)
     z_T = initial_latents(s["keys"], shape)
     noises = torch.stack([_t(step_noise(s["keys"], i, shape)) for i in range(cfg.num_steps)])
-    A = ref.TorchInpainting(torch.from_numpy(s["mask"])[None, None])
+    A = ref.TorchInpainting(torch.from_numpy(np.array(s["mask"]))[None, None])
     C0 = torch.from_numpy(np.array(s["C0"]))
     return dict(C0=C0, y=_t(s["y"]), A=A, z_T=_t(z_T), noises=noises)
 
