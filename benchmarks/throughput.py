@@ -22,7 +22,9 @@ attention implementation, remat, convolution form) it measures, in one process:
   against ``matmul_peak`` (a large matmul in the same dtype, timed in this run);
 * ``peak_memory`` (device peak, or the process RSS high-water mark on CPU, read after the
   JAX programs ran and before torch is loaded) and XLA's planned buffers of the solve and of
-  the step (``xla_memory``, ``xla_memory_step``);
+  the step (``xla_memory``, ``xla_memory_step``); ``torch_side["peak_memory"]`` the same
+  read after the torch steps (of the torch process with ``--torch-process``, else of the
+  whole process: JAX and torch together);
 * ``torch``: the reference P2L step (benchmarks/torch_reference.py) on the same weights and batch,
   without and (solvers that project) with projection, eager and torch.compile;
   ``jax_over_torch`` = JAX isolated step / torch step and ``jax_over_torch_solve`` = JAX
@@ -31,7 +33,13 @@ attention implementation, remat, convolution form) it measures, in one process:
 All JAX programs and torch steps are timed interleaved, round robin (``--repeats`` rounds,
 :func:`benchmarks.measure.interleaved_times`), so load from other processes hits both sides
 alike; the load average is recorded at the start and the end (``device.load_average``,
-``load_average_end``). ``--conv xla`` measures the plain ``lax.conv_general_dilated`` form
+``load_average_end``). ``--torch-process`` times the torch steps first, in a child process
+(the same command line with the hidden ``--torch-side FILE``, :func:`torch_side_main`) that
+rebuilds the same model and inputs from the same seed, then the JAX side in this one: a run's
+peak memory is then the larger side's, not their sum (SD 1.5 at 256 px on a small host). The
+two sides are then not interleaved, so a change of load between them moves the ratios; the
+child's load averages and input fingerprint (shapes and sums of mask, y, z and the prompt
+embedding, checked equal to this process's) are in ``torch_side``. ``--conv xla`` measures the plain ``lax.conv_general_dilated`` form
 (what the networks ran before the CPU form of :mod:`p2l_jax.models.conv`), ``--conv auto``
 (default) what the package picks.
 
@@ -49,6 +57,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,6 +87,7 @@ class BenchConfig:
     compile_only: bool = False
     seed: int = 0
     conv: str = "auto"
+    torch_process: bool = False
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,6 +116,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv", default=d.conv, choices=("auto", "xla", "cpu"),
                    help="convolution form (P2L_JAX_CONV, p2l_jax.models.conv): auto, xla "
                         "(plain lax.conv_general_dilated) or cpu (%(default)s)")
+    p.add_argument("--torch-process", action="store_true",
+                   help="time the torch steps in a separate process, before the JAX side, so "
+                        "a run's peak memory is the larger side's, not their sum")
+    p.add_argument("--torch-side", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=None, help="write the JSON record here")
     p.add_argument("--markdown", type=Path, default=None, help="append the markdown row here")
 
@@ -118,7 +132,7 @@ def config_from_args(args) -> BenchConfig:
                        task=args.task, repeats=args.repeats, torch_modes=modes,
                        compilation_cache=args.compilation_cache,
                        second_process=args.second_process, compile_only=args.compile_only,
-                       seed=args.seed, conv=args.conv)
+                       seed=args.seed, conv=args.conv, torch_process=args.torch_process)
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -151,8 +165,13 @@ def solver_config(cfg: BenchConfig):
     return BY_NAME[cfg.solver].config(num_steps=cfg.steps, gradient=cfg.gradient, remat=cfg.remat)
 
 
-def _problem_arrays(cfg: BenchConfig, model):
+def problem_inputs(cfg: BenchConfig, model) -> dict:
+    """The inputs both sides run on, all from ``cfg.seed``: solver ``config``, operator ``op``,
+    measurement ``y``, per-sample ``keys``, prompt embedding ``C0``, ``latent_shape`` and the
+    latent ``z`` of the torch step. A torch side in its own process rebuilds them from the
+    same configuration (:func:`torch_side_main`), so they are equal there too."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from p2l_jax.operators import make_operator
@@ -162,12 +181,26 @@ def _problem_arrays(cfg: BenchConfig, model):
     f = model.vae_scale_factor
     if side % f:
         raise SystemExit(f"--resolution {side} must be a multiple of {f}")
+    config = solver_config(cfg)
     op = make_operator(cfg.task, (side, side))
     rng = np.random.default_rng(cfg.seed)
     x = rng.uniform(-1, 1, (cfg.batch, side, side, 3)).astype(np.float32)
     y = jax.jit(lambda op, x, k: op.measure(x, k, 0.05))(op, x, jax.random.key(cfg.seed))
-    keys = per_sample_keys(jax.random.key(cfg.seed), cfg.batch)
-    return op, y, keys, (side // f, side // f, model.latent_channels)
+    latent_shape = (side // f, side // f, model.latent_channels)
+    z = jax.random.normal(jax.random.key(cfg.seed), (cfg.batch, *latent_shape), jnp.float32)
+    return {"config": config, "op": op, "y": y, "C0": model.text_embeddings([config.prompt]),
+            "keys": per_sample_keys(jax.random.key(cfg.seed), cfg.batch),
+            "latent_shape": latent_shape, "z": z}
+
+
+def input_fingerprint(inputs: dict) -> dict:
+    """``{name: [shape, sum]}`` of the arrays the torch step reads: equal fingerprints in the
+    JAX process and the torch process show that both timed the same problem."""
+    import numpy as np
+
+    arrays = {"mask": inputs["op"].mask, "y": inputs["y"], "z": inputs["z"], "C0": inputs["C0"]}
+    return {k: [list(np.shape(a)), float(np.asarray(a, np.float64).sum())]
+            for k, a in arrays.items()}
 
 
 _T0 = time.perf_counter()
@@ -197,10 +230,10 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
     from p2l_jax.solvers.program import initial_state, make_problem, solve_prepared, step_inputs
     from p2l_jax.solvers.registry import solver_of
 
-    config = solver_config(cfg)
+    arrays = problem_inputs(cfg, model)
+    config, op, y, keys, C0 = (arrays[k] for k in ("config", "op", "y", "keys", "C0"))
+    latent_shape = arrays["latent_shape"]
     structure, settings = split(config)
-    op, y, keys, latent_shape = _problem_arrays(cfg, model)
-    C0 = model.text_embeddings([config.prompt])
     log("compiling the solve")
     solve, compile_s = _lower_compile(solve_prepared, model, op, y, keys, C0, None, settings,
                                       structure=structure, latent_shape=latent_shape)
@@ -255,8 +288,7 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
                         + forwards["decoder"].total),
         "xla_memory": _xla_memory(mem), "xla_memory_step": _xla_memory(step_mem),
     })
-    z = jax.random.normal(jax.random.key(cfg.seed), (cfg.batch, *latent_shape), jnp.float32)
-    return out, calls, {"config": config, "op": op, "y": y, "z": z, "C0": C0}
+    return out, calls, arrays
 
 
 def _xla_memory(mem) -> dict:
@@ -287,17 +319,26 @@ def timing_fields(cfg: BenchConfig, times: dict, out: dict) -> dict:
     }
 
 
-def _second_process_compile(cfg: BenchConfig) -> float | None:
-    """compile_s of the same configuration in a fresh interpreter (reads the cache)."""
-    argv = [sys.executable, "-m", "benchmarks.throughput", "--compile-only", "--torch", "none",
+def _argv(cfg: BenchConfig, *flags: str) -> list[str]:
+    """This benchmark's command line for ``cfg``'s problem (model, shapes, solver, dtype,
+    task, seed, ...), plus ``flags``: what a child process runs."""
+    argv = [sys.executable, "-m", "benchmarks.throughput",
             "--model", cfg.model, "--batch", str(cfg.batch), "--steps", str(cfg.steps),
             "--solver", cfg.solver, "--gradient", cfg.gradient, "--dtype", cfg.dtype,
             "--attention", cfg.attention, "--task", cfg.task, "--seed", str(cfg.seed),
-            "--compilation-cache", str(cfg.compilation_cache), "--conv", cfg.conv]
+            "--conv", cfg.conv, "--repeats", str(cfg.repeats), *flags]
     argv += ["--resolution", str(cfg.resolution)] if cfg.resolution else []
-    argv += ["--remat"] if cfg.remat else []
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(argv, cwd=root, capture_output=True, text=True)
+    return argv + (["--remat"] if cfg.remat else [])
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _second_process_compile(cfg: BenchConfig) -> float | None:
+    """compile_s of the same configuration in a fresh interpreter (reads the cache)."""
+    argv = _argv(cfg, "--compile-only", "--torch", "none",
+                 "--compilation-cache", str(cfg.compilation_cache))
+    proc = subprocess.run(argv, cwd=_ROOT, capture_output=True, text=True)
     if proc.returncode:
         print(proc.stderr[-2000:], file=sys.stderr)
         return None
@@ -316,6 +357,61 @@ def device_info() -> dict:
             "jax_version": jax.__version__}
 
 
+def torch_calls(cfg: BenchConfig, model, dicts: dict, inputs: dict) -> dict:
+    """``{("torch", mode, projected): step()}`` for :func:`benchmarks.measure.interleaved_times`:
+    the reference step of each mode in ``cfg.torch_modes`` on :func:`problem_inputs`."""
+    from benchmarks.torch_baseline import torch_step_fns
+
+    log(f"torch reference step: {', '.join(cfg.torch_modes)}")
+    fns = torch_step_fns(model, dicts, inputs["config"], inputs["op"].mask, inputs["y"],
+                         inputs["z"], inputs["C0"], dtype=cfg.dtype, modes=cfg.torch_modes)
+    return {("torch", mode, projected): fn for (mode, projected), fn in fns.items()}
+
+
+def torch_side_main(cfg: BenchConfig, path: Path) -> None:
+    """The torch side alone (``--torch-process``'s child): build the model and the inputs as
+    the JAX side does, time the torch steps interleaved among themselves, and write to
+    ``path`` their times, this process's peak memory, load averages and input fingerprint."""
+    from benchmarks.measure import interleaved_times, peak_memory
+    from p2l_jax.imageio import write_text
+
+    start, load = time.perf_counter(), list(os.getloadavg())
+    model, dicts = build_model(cfg)
+    inputs = problem_inputs(cfg, model)
+    times = interleaved_times(torch_calls(cfg, model, dicts, inputs), cfg.repeats)
+    side = {"process": "subprocess", "peak_memory": peak_memory(), "load_average": load,
+            "load_average_end": list(os.getloadavg()), "wall_s": time.perf_counter() - start,
+            "inputs": input_fingerprint(inputs),
+            "times": [{"mode": mode, "projected": projected, **t}
+                      for (_, mode, projected), t in times.items()]}
+    write_text(path, json.dumps(side, indent=2))
+
+
+def torch_subprocess(cfg: BenchConfig, directory: Path) -> tuple[dict, dict]:
+    """(torch times keyed as :func:`torch_calls`, the ``torch_side`` record) from
+    :func:`torch_side_main` in a child process; its progress goes to this stderr.
+    Raises P2LError (one line) if the child fails."""
+    from p2l_jax.errors import P2LError
+
+    path = directory / "torch_side.json"
+    argv = _argv(cfg, "--torch", ",".join(cfg.torch_modes), "--torch-side", str(path))
+    log("torch reference step in a separate process")
+    proc = subprocess.Popen(argv, cwd=_ROOT, stderr=subprocess.PIPE, text=True)
+    last = ""
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        last = line.strip() or last
+    code = proc.wait()
+    if code or not path.exists():
+        why = (f"killed by signal {-code}{' (out of memory?)' if code == -9 else ''}"
+               if code < 0 else f"exit status {code}")
+        raise P2LError(f"--torch-process: the torch side ({' '.join(argv[1:])}) failed, "
+                       f"{why}: {last or 'no output'}")
+    side = json.loads(path.read_text())
+    times = {("torch", t.pop("mode"), t.pop("projected")): t for t in side.pop("times")}
+    return times, side
+
+
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run one configuration and return its JSON record (see the module docstring)."""
     from benchmarks.measure import conv_form
@@ -328,14 +424,22 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     import jax
     import numpy as np
 
-    from benchmarks.measure import interleaved_times, matmul_peak
+    from benchmarks.measure import interleaved_times, matmul_peak, peak_memory
+    from p2l_jax.errors import P2LError
 
     if cfg.compilation_cache:
         enable_compilation_cache(cfg.compilation_cache)
+    device = device_info()
+    torch_times, torch_side = {}, None
+    runs_torch = bool(cfg.torch_modes) and cfg.task.startswith("inpaint")
+    if cfg.torch_process and runs_torch and not cfg.compile_only:
+        # first, in its own process: its memory is returned before the JAX side starts
+        with tempfile.TemporaryDirectory() as tmp:
+            torch_times, torch_side = torch_subprocess(cfg, Path(tmp))
     start = time.perf_counter()
     log(f"building {cfg.model} ({cfg.dtype}, attention {cfg.attention}, conv {cfg.conv})")
     model, dicts = build_model(cfg)
-    record = {"config": dataclasses.asdict(cfg), "device": device_info(),
+    record = {"config": dataclasses.asdict(cfg), "device": device,
               "model_build_s": time.perf_counter() - start,
               "parameters": int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(
                   model.params)))}
@@ -350,17 +454,16 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     if cfg.torch_modes and not cfg.task.startswith("inpaint"):
         record["torch"] = {m: {"error": "the torch reference implements inpainting only"}
                            for m in cfg.torch_modes}
-    elif cfg.torch_modes:
-        from benchmarks.torch_baseline import torch_step_fns
-
-        log(f"torch reference step: {', '.join(cfg.torch_modes)}")
-        torch_fns = torch_step_fns(model, dicts, arrays["config"], arrays["op"].mask,
-                                   arrays["y"], arrays["z"], arrays["C0"], dtype=cfg.dtype,
-                                   modes=cfg.torch_modes)
-        calls.update({("torch", mode, projected): fn
-                      for (mode, projected), fn in torch_fns.items()})
+    elif torch_side is not None and torch_side["inputs"] != input_fingerprint(arrays):
+        raise P2LError(f"--torch-process: the torch side timed other inputs than the JAX "
+                       f"side: {torch_side['inputs']} against {input_fingerprint(arrays)}")
+    elif cfg.torch_modes and torch_side is None:
+        calls.update(torch_calls(cfg, model, dicts, arrays))
     log(f"timing {len(calls)} calls interleaved, {cfg.repeats} rounds")
-    times = interleaved_times(calls, cfg.repeats)
+    times = {**interleaved_times(calls, cfg.repeats), **torch_times}
+    if runs_torch and torch_side is None:  # torch ran here: the whole process's high-water
+        torch_side = {"process": "same", "peak_memory": peak_memory()}
+    record["torch_side"] = torch_side
     record.update(timing_fields(cfg, times, record))
     record["load_average_end"] = list(os.getloadavg())
     for mode in cfg.torch_modes:
@@ -400,13 +503,13 @@ RECORD_FIELDS = (
     "flops_per_step_analytic", "xla_over_analytic", "achieved_flops_per_s",
     "achieved_flops_per_s_solve", "peak_memory", "xla_memory", "xla_memory_step",
     "matmul_peak", "utilization", "torch", "jax_over_torch", "jax_over_torch_solve",
-    "load_average_end")
+    "torch_side", "load_average_end")
 
 MARKDOWN_HEADER = ("| model | px | steps | solver / gradient | dtype | conv | compile s "
                    "| step s | solve step s (no proj / proj) | torch eager step s (no proj / "
                    "proj) | JAX / eager: step | JAX / eager: solve step (no proj / proj) "
                    "| JAX / compile: step | s / image | GFLOP/step (XLA / analytic) | util. "
-                   "| peak mem GiB | XLA temp GiB (solve) | load avg |\n" + "|---" * 19 + "|")
+                   "| peak mem GiB (JAX / torch process) | XLA temp GiB (solve) | load avg |\n" + "|---" * 19 + "|")
 
 
 def markdown_row(r: dict) -> str:
@@ -421,6 +524,10 @@ def markdown_row(r: dict) -> str:
     load = r["device"]["load_average"][0], r.get("load_average_end", [None])[0]
     batch = f" x{c['batch']}" if c["batch"] != 1 else ""
     proj = r["solve_step_time_s"] if r.get("projection", "none") != "none" else None
+    side = r.get("torch_side") or {}
+    peak = fmt(r["peak_memory"]["bytes"] / 2**30)
+    if side.get("process") == "subprocess":
+        peak += f" / {fmt(side['peak_memory']['bytes'] / 2**30)}"
     return (f"| {c['model']}{batch} | {px} | {c['steps']} | {c['solver']} / {c['gradient']} "
             f"| {c['dtype']} | {c.get('conv', 'xla')} | {fmt(r['compile_s'])} "
             f"| {fmt(r['step_time_s'])} "
@@ -431,12 +538,15 @@ def markdown_row(r: dict) -> str:
             f"| {fmt(r.get('jax_over_torch', {}).get('compile'), '.2f')} "
             f"| {fmt(r['time_per_image_s'])} | {fmt(r['flops_per_step_xla'] / 1e9)} / "
             f"{fmt(a['step_program'] / 1e9)} | {fmt(100 * r['utilization'], '.1f')}% "
-            f"| {fmt(r['peak_memory']['bytes'] / 2**30)} "
+            f"| {peak} "
             f"| {fmt(r['xla_memory']['temp_bytes'] / 2**30)} | {pair(*load, '.1f')} |")
 
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    if args.torch_side:
+        torch_side_main(cfg, args.torch_side)
+        return 0
     record = run_benchmark(cfg)
     if cfg.compile_only:
         print(json.dumps({"compile_s": record["compile_s"]}))

@@ -64,8 +64,59 @@ def test_tiny_benchmark_writes_every_field(tmp_path):
     assert record["flops_per_step_xla"] > 0 and record["peak_memory"]["bytes"] > 0
     assert record["matmul_peak"]["flops_per_s"] > 0
     assert "step_time_s" in record["torch"]["eager"] and "eager" in record["jax_over_torch"]
+    assert record["torch_side"]["process"] == "same"  # torch timed in this process
+    assert record["torch_side"]["peak_memory"]["bytes"] >= record["peak_memory"]["bytes"]
     header, _, row = md.read_text().splitlines()
     assert header.count("|") == row.count("|")
+
+
+def _bench_args(*extra):
+    from benchmarks import throughput
+
+    parser = __import__("argparse").ArgumentParser()
+    throughput.add_arguments(parser)
+    return parser.parse_args(["--model", "tiny", "--resolution", "16", "--steps", "1",
+                              "--solver", "ldps", "--repeats", "1", "--torch", "eager", *extra])
+
+
+def test_torch_process_times_torch_in_a_child_on_the_same_inputs(tmp_path):
+    """--torch-process: the torch fields and ratios come from a child process that timed the
+    same problem (its input fingerprint is this process's), with its own peak memory."""
+    pytest.importorskip("torch")
+    from benchmarks import throughput
+
+    out = tmp_path / "r.json"
+    assert throughput.main(_bench_args("--torch-process", "--json", str(out))) == 0
+    record = json.loads(out.read_text())
+    assert set(throughput.RECORD_FIELDS) <= set(record)
+    side, eager = record["torch_side"], record["torch"]["eager"]
+    assert side["process"] == "subprocess" and side["peak_memory"]["bytes"] > 0
+    assert len(side["load_average"]) == len(side["load_average_end"]) == 3
+    model, _ = throughput.build_model(throughput.config_from_args(_bench_args()))
+    inputs = throughput.problem_inputs(throughput.config_from_args(_bench_args()), model)
+    assert side["inputs"] == json.loads(json.dumps(throughput.input_fingerprint(inputs)))
+    assert eager["step_time_s"] > 0 and len(eager["samples_s"]) == 1
+    assert record["jax_over_torch"]["eager"] == pytest.approx(
+        record["step_time_s"] / eager["step_time_s"])
+    assert record["jax_over_torch_solve"]["eager"]["no_projection"] == pytest.approx(
+        record["solve_step_time_no_projection_s"] / eager["step_time_s"])
+    row = throughput.markdown_row(record)
+    assert row.count("|") == throughput.MARKDOWN_HEADER.splitlines()[0].count("|")
+    assert f"/ {side['peak_memory']['bytes'] / 2**30:.3g} |" in row
+
+
+def test_torch_process_failure_is_one_line_naming_the_torch_side(tmp_path):
+    from benchmarks import throughput
+    from p2l_jax.errors import P2LError
+
+    missing = tmp_path / "no_model"
+    args = _bench_args("--torch-process")
+    args.model = str(missing)
+    with pytest.raises(P2LError) as err:
+        throughput.main(args)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--torch-process: the torch side")
+    assert "exit status 1" in message and str(missing) in message
 
 
 def test_solve_step_times_and_ratios_with_projection():
