@@ -41,7 +41,7 @@ def measure_form(form: str, model_name: str, steps: int) -> dict:
     import jax
 
     from benchmarks.measure import conv_form
-    from benchmarks.throughput import BenchConfig, _problem_arrays, build_model, solver_config
+    from benchmarks.throughput import BenchConfig, build_model, problem_inputs
     from p2l_jax.solvers import split
     from p2l_jax.solvers.program import solve_prepared
 
@@ -49,10 +49,10 @@ def measure_form(form: str, model_name: str, steps: int) -> dict:
     jax.clear_caches()
     with conv_form(form):
         model, _ = build_model(cfg)
-        config = solver_config(cfg)
-        structure, settings = split(config)
-        op, y, keys, latent_shape = _problem_arrays(cfg, model)
-        C0 = model.text_embeddings([config.prompt])
+        inputs = problem_inputs(cfg, model)
+        structure, settings = split(inputs["config"])
+        op, y, keys, C0 = (inputs[k] for k in ("op", "y", "keys", "C0"))
+        latent_shape = inputs["latent_shape"]
         t0 = time.perf_counter()
         lowered = solve_prepared.lower(model, op, y, keys, C0, None, settings,
                                        structure=structure, latent_shape=latent_shape)
