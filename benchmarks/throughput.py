@@ -39,9 +39,9 @@ rebuilds the same model and inputs from the same seed, then the JAX side in this
 peak memory is then the larger side's, not their sum (SD 1.5 at 256 px on a small host). The
 two sides are then not interleaved, so a change of load between them moves the ratios; the
 child's load averages and input fingerprint (shapes and sums of mask, y, z and the prompt
-embedding, checked equal to this process's) are in ``torch_side``. ``--conv xla`` measures the plain ``lax.conv_general_dilated`` form
-(what the networks ran before the CPU form of :mod:`p2l_jax.models.conv`), ``--conv auto``
-(default) what the package picks.
+embedding, checked equal to this process's) are in ``torch_side``. ``--conv xla`` measures
+the plain ``lax.conv_general_dilated`` form (what the networks ran before the CPU form of
+:mod:`p2l_jax.models.conv`), ``--conv auto`` (default) what the package picks.
 
 It prints a markdown row (:func:`markdown_row`) and writes the JSON record (``--json``).
 The measurement y is an inpainting of random images (``--task``, default ``inpaint-random``),
@@ -111,7 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="persistent XLA compilation cache (jax_compilation_cache_dir)")
     p.add_argument("--second-process", action="store_true",
                    help="also time the compile in a fresh process using the cache")
-    p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile-only", action="store_true",
+                   help="only compile the solve; print its compile_s and XLA's planned memory")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--conv", default=d.conv, choices=("auto", "xla", "cpu"),
                    help="convolution form (P2L_JAX_CONV, p2l_jax.models.conv): auto, xla "
@@ -237,7 +238,8 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
     log("compiling the solve")
     solve, compile_s = _lower_compile(solve_prepared, model, op, y, keys, C0, None, settings,
                                       structure=structure, latent_shape=latent_shape)
-    out = {"compile_s": compile_s, "projection": getattr(config, "projection", "none")}
+    out = {"compile_s": compile_s, "projection": getattr(config, "projection", "none"),
+           "xla_memory": _xla_memory(solve.memory_analysis())}
     if cfg.compile_only:
         return out, {}, {}
     calls = {"jax_solve": lambda: solve(model, op, y, keys, C0, None, settings)}
@@ -273,7 +275,6 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
     log("first calls")
     for call in calls.values():
         block(call())
-    mem, step_mem = solve.memory_analysis(), step_c.memory_analysis()
     xla_step = float(step_c.cost_analysis().get("flops", float("nan")))
     forwards = flopcount.network_forwards(model, cfg.batch, latent_shape[:2])
     analytic = flopcount.step_flops(forwards, config)
@@ -286,7 +287,7 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
         "xla_over_analytic": xla_step / analytic["step_program"],
         "solve_flops": (cfg.steps * analytic["step"] + n_proj * analytic["projection"]
                         + forwards["decoder"].total),
-        "xla_memory": _xla_memory(mem), "xla_memory_step": _xla_memory(step_mem),
+        "xla_memory_step": _xla_memory(step_c.memory_analysis()),
     })
     return out, calls, arrays
 
@@ -493,7 +494,8 @@ def torch_ratios(record: dict, mode: str, plain: dict, projected: dict) -> None:
                        else record["solve_step_time_s"] / t["step_time_projection_s"])}
 
 
-#: Top-level keys of every full record (``--compile-only`` records stop after ``compile_s``).
+#: Top-level keys of every full record (``--compile-only`` records stop after ``compile_s``
+#: and ``xla_memory``: the solve's planned memory, nothing run).
 RECORD_FIELDS = (
     "config", "device", "model_build_s", "parameters", "compile_s", "projection",
     "compile_s_no_projection", "compile_s_second_process",
@@ -509,7 +511,8 @@ MARKDOWN_HEADER = ("| model | px | steps | solver / gradient | dtype | conv | co
                    "| step s | solve step s (no proj / proj) | torch eager step s (no proj / "
                    "proj) | JAX / eager: step | JAX / eager: solve step (no proj / proj) "
                    "| JAX / compile: step | s / image | GFLOP/step (XLA / analytic) | util. "
-                   "| peak mem GiB (JAX / torch process) | XLA temp GiB (solve) | load avg |\n" + "|---" * 19 + "|")
+                   "| peak mem GiB (JAX / torch process) | XLA temp GiB (solve) | load avg |\n"
+                   + "|---" * 19 + "|")
 
 
 def markdown_row(r: dict) -> str:
@@ -549,7 +552,7 @@ def main(args) -> int:
         return 0
     record = run_benchmark(cfg)
     if cfg.compile_only:
-        print(json.dumps({"compile_s": record["compile_s"]}))
+        print(json.dumps({k: record[k] for k in ("compile_s", "xla_memory")}))
         return 0
     from p2l_jax.imageio import write_text  # jax is imported only once the flags are set
 

@@ -105,6 +105,15 @@ def test_torch_process_times_torch_in_a_child_on_the_same_inputs(tmp_path):
     assert f"/ {side['peak_memory']['bytes'] / 2**30:.3g} |" in row
 
 
+def test_compile_only_prints_compile_time_and_planned_memory(capsys):
+    from benchmarks import throughput
+
+    assert throughput.main(_bench_args("--compile-only", "--torch", "none")) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed) == {"compile_s", "xla_memory"} and printed["compile_s"] > 0
+    assert printed["xla_memory"]["argument_bytes"] > 0
+
+
 def test_torch_process_failure_is_one_line_naming_the_torch_side(tmp_path):
     from benchmarks import throughput
     from p2l_jax.errors import P2LError
