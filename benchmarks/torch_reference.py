@@ -125,7 +125,7 @@ def p2l_reference(unet, vae, scheduler, C0, y, A, z_T, noises, cfg):
     o = cfg.optimizer
     return _run(unet, vae, scheduler, C0, y, A, z_T, noises, cfg, tune=cfg.tune_prompt, K=cfg.K,
                 projection=cfg.projection, project_every=cfg.project_every, lam=cfg.lam,
-                lr=o.learning_rate,
+                lr=o.learning_rate / (cfg.num_steps * cfg.K) if o.per_run else o.learning_rate,
                 b1=o.b1, b2=o.b2, adam_eps=o.eps)
 
 

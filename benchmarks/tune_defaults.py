@@ -3,11 +3,11 @@
     python -m benchmarks.tune_defaults [--model DIR] [--output DIR] [--quick] [--metric psnr]
 
 A coordinate sweep: starting from the configs' current defaults, for each axis in turn (P2L:
-rho, learning_rate, project_every, lam, num_steps; LDPS: rho) every value is evaluated with the
+rho, learning_rate, project_every, lam, num_steps, clip_decoded; LDPS: rho) every value is evaluated with the
 other axes at their best so far, and the axis keeps the value with the best objective. The
 values of one axis run together as one settings sweep (:func:`p2l_jax.solvers.sweep`: one
-compiled program vmapped over the points, per batch of images); only num_steps, the one
-structural axis, needs a program per value. The objective is the mean over tasks of the
+compiled program vmapped over the points, per batch of images); only num_steps and
+clip_decoded, the structural axes, need a program per value. The objective is the mean over tasks of the
 per-task mean ``--metric`` over ``n`` validation images (task settings and scores as
 benchmarks.restoration_quality; LPIPS is minimised, PSNR / SSIM maximised). Settings that give the same solver config (for example
 ``lam=0.01`` and ``lam=0.01, num_steps=25`` when 25 is the base) are evaluated once.
@@ -46,7 +46,7 @@ from p2l_jax.solvers.sweep import sweep_configs
 
 NAME = "tune_defaults"
 LOWER_IS_BETTER = {"lpips"}
-TUNABLE = ("rho", "learning_rate", "project_every", "lam", "num_steps")
+TUNABLE = ("rho", "learning_rate", "project_every", "lam", "num_steps", "clip_decoded")
 
 
 @dataclasses.dataclass(frozen=True)

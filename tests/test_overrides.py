@@ -79,7 +79,7 @@ def test_command_line_grid_and_harness_agree():
                                      "optimizer.learning_rate": 0.01})
     harness = resolve(P2LConfig(), {"rho": 0.3, "project_every": 4.0, "learning_rate": 0.01})
     assert cli == grid == harness
-    assert harness.optimizer == OptimizerConfig(learning_rate=0.01)
+    assert harness.optimizer == OptimizerConfig(learning_rate=0.01, per_run=True)
 
 
 def test_fingerprints_keep_their_values(tmp_path):

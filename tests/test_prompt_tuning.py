@@ -51,6 +51,8 @@ def test_paper_preset():
     assert cfg.guidance_scale == 1.0 and cfg.prompt == ""
     assert P2LConfig.paper(num_steps=50).num_steps == 50
     assert P2LConfig() != cfg  # the defaults are this project's tuned ones
+    # the project's prompt step is a per-run budget; the preset keeps the absolute 1e-4
+    assert P2LConfig().optimizer.per_run and not cfg.optimizer.per_run
 
 
 @pytest.mark.parametrize("kwargs, word", [
