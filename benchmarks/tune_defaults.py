@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--p2l-grid", nargs="*", default=None, metavar="NAME=V1,V2",
                    help="replace P2L's sweep axes, e.g. rho=0.3,1 project_every=4,8")
     p.add_argument("--ldps-grid", nargs="*", default=None, metavar="NAME=V1,V2",
-                   help="replace LDPS's sweep axes (none given: no LDPS sweep)")
+                   help="replace LDPS's sweep axes (the option with no value: no LDPS sweep; "
+                        "without the option: rho=0.1,0.3,1,3)")
     args = p.parse_args(argv)
     cfg = get_config(args.quick)
     grids = dict(p2l_grid=parse_grid(args.p2l_grid, P2LConfig(), "--p2l-grid"),
