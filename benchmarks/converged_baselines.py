@@ -17,8 +17,8 @@ finds a step count where they do fit y, tunes their step size there, then compar
    ``z <- z - rho grad ||y - A D(z0hat)||`` and is kept per step as N grows (the DPS
    convention: the total pull grows with N); larger values are the curve's other rhos.
 2. **tune** (validation split, ``n_tune`` images): each baseline's rho from ``rho_grid`` at
-   ``N*(task)``, by the mean over tasks of the mean PSNR (:func:`benchmarks.tune_defaults.
-   sweep`, the coordinate sweep of the default selection, with one axis).
+   ``N*(task)``, per task, by mean PSNR (:func:`benchmarks.tune_defaults.sweep`, the
+   coordinate sweep of the default selection, with one axis).
 3. **test** (test split, ``n`` images): LDPS and PSLD at ``N*`` with the tuned rho, P2L (its
    defaults) at ``N*`` (equal steps), at ``p2l_steps`` (the restoration table's step count)
    and at ``N_eq``, the step count whose wall time per image matches the baselines' mean at
@@ -48,14 +48,13 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from benchmarks import quality
 from benchmarks.restoration_quality import RestorationConfig, method_config, restore
 from benchmarks.tune_defaults import sweep
-from p2l_jax.solvers import LDPSConfig, P2LConfig, PSLDConfig, compiled_programs
+from p2l_jax.solvers import LDPSConfig, PSLDConfig, compiled_programs
 
 NAME = "converged_baselines"
 BASELINES = ("ldps", "psld")
@@ -73,12 +72,13 @@ class ConvergedConfig:
     tolerance: N* needs the baselines' mean final residual <= tolerance x the clean image's
     mean residual (the noise norm); 1.25 leaves room for a sample that differs from the
     truth where A does not see it, and for P2L's own level at 25 steps (about 1.4 x on SR).
-    short_baselines: also run the baselines at ``p2l_steps`` with their default rho."""
+    short_baselines: also run the baselines at ``p2l_steps`` with their default rho.
+    equal_time: also run P2L at N_eq (the step count of equal wall time)."""
 
     tasks: tuple[str, ...] = ("sr", "inpaint-box")
     sigma: float = 0.05
     steps_grid: tuple[int, ...] = (100, 200, 500)
-    curve_rhos: tuple[float, ...] = (0.1, 0.3)
+    curve_rhos: tuple[float, ...] = (0.1, 0.3, 1.0)
     tolerance: float = 1.25
     rho_grid: tuple[float, ...] = (0.1, 0.3, 1.0)
     p2l_steps: int = 25
@@ -87,6 +87,7 @@ class ConvergedConfig:
     n: int = 20
     batch_size: int = 4
     short_baselines: bool = True
+    equal_time: bool = True
 
 
 def get_config(quick: bool = False) -> ConvergedConfig:
@@ -213,57 +214,64 @@ def run_curve(runner: Runner, cfg: ConvergedConfig, log=print) -> dict:
 
 def run_tuning(runner: Runner, cfg: ConvergedConfig, n_star: dict[str, int], log=print
                ) -> tuple[dict, list]:
-    """Stage 2: each baseline's rho at N*(task) by mean validation PSNR over tasks."""
+    """Stage 2: each baseline's rho at N*(task) by mean validation PSNR, per task (N* is per
+    task, and one rho for both tasks would hold a baseline back where the other task
+    diverges at its best value). Returns ({solver: {task: rho}}, evaluations)."""
     evaluations = []
 
-    def evaluate(solver, base, points):
-        objectives = []
-        for point in points:
-            per_task = {t: quality.interval(runner.scores(
-                "validation", cfg.n_tune, t, config_for(solver, t, n_star[t], point["rho"])
-            )["scores"]["psnr"]) for t in cfg.tasks}
-            objective = float(np.mean([c["mean"] for c in per_task.values()]))
-            evaluations.append({"solver": solver, "rho": point["rho"], "per_task": per_task,
-                                "objective": objective})
-            log(f"tune {solver} rho={point['rho']}: psnr {objective:.3f}")
-            objectives.append(objective)
+    def evaluate(task):
+        def objectives(solver, base, points):
+            out = []
+            for point in points:
+                psnr = quality.interval(runner.scores(
+                    "validation", cfg.n_tune, task,
+                    config_for(solver, task, n_star[task], point["rho"]))["scores"]["psnr"])
+                evaluations.append({"solver": solver, "task": task, "rho": point["rho"],
+                                    "psnr": psnr})
+                log(f"tune {task} {solver} rho={point['rho']}: psnr {psnr['mean']:.3f}")
+                out.append(psnr["mean"])
+            return out
         return objectives
 
-    best = {s: sweep(evaluate, s, BASE_CONFIGS[s](num_steps=1), (("rho", cfg.rho_grid),),
-                     lower_is_better=False)["rho"] for s in BASELINES}
+    best = {s: {t: sweep(evaluate(t), s, BASE_CONFIGS[s](num_steps=1),
+                         (("rho", cfg.rho_grid),), lower_is_better=False)["rho"]
+                for t in cfg.tasks} for s in BASELINES}
     return best, evaluations
 
 
 def run_test(runner: Runner, cfg: ConvergedConfig, n_star: dict[str, int],
-             rho: dict[str, float], log=print) -> dict:
-    """Stage 3: per task, every method's per-image scores and wall time, and N_eq."""
-    out = {}
+             rho: dict[str, dict[str, float]], log=print) -> dict:
+    """Stage 3: every method's per-image scores and wall time, and N_eq, per task. The rows
+    run in passes over the tasks, cheapest and most needed first (the baselines at N* and
+    P2L at ``p2l_steps``, then P2L at N*, then the equal-time and short rows), so that a run
+    cut short leaves the main comparison of every task in the journal."""
+    out = {t: {"steps": n_star[t], "equal_time_steps": None, "rows": {}} for t in cfg.tasks}
+
+    def add(task, label, method, steps, r=None):
+        config = config_for(method, task, steps, r)
+        res = runner.scores("test", cfg.n, task, config)
+        out[task]["rows"][label] = {"method": method, "steps": steps,
+                                    "rho": getattr(config, "rho"), **res}
+        log(f"test {task} {label}: PSNR {quality.fmt(quality.interval(res['scores']['psnr']))}"
+            f", residual {quality.fmt(quality.interval(res['scores']['residual']))}")
+
     for task in cfg.tasks:
-        N = n_star[task]
-        rows = {}
-
-        def add(label, method, steps, r=None):
-            config = config_for(method, task, steps, r)
-            res = runner.scores("test", cfg.n, task, config)
-            rows[label] = {"method": method, "steps": steps,
-                           "rho": getattr(config, "rho"), **res}
-            log(f"test {task} {label}: PSNR {quality.fmt(quality.interval(res['scores']['psnr']))}"
-                f", residual {quality.fmt(quality.interval(res['scores']['residual']))}")
-
         for s in BASELINES:
-            add(f"{s}@N*", s, N, rho[s])
-        add("p2l@N*", "p2l", N)
-        add(f"p2l@{cfg.p2l_steps}", "p2l", cfg.p2l_steps)
+            add(task, f"{s}@N*", s, n_star[task], rho[s][task])
+        add(task, f"p2l@{cfg.p2l_steps}", "p2l", cfg.p2l_steps)
+    for task in cfg.tasks:
+        add(task, "p2l@N*", "p2l", n_star[task])
+    for task in cfg.tasks:
+        rows = out[task]["rows"]
         base_s = [np.mean(rows[f"{s}@N*"]["seconds_per_image"]) for s in BASELINES
                   if rows[f"{s}@N*"]["seconds_per_image"]]
         p2l_s = rows["p2l@N*"]["seconds_per_image"]
-        n_eq = (equal_time_steps(float(np.mean(base_s)), float(np.mean(p2l_s)) / N)
-                if base_s and p2l_s else None)
-        if n_eq is not None:
-            add("p2l@N_eq", "p2l", n_eq)
+        if cfg.equal_time and base_s and p2l_s:
+            n_eq = equal_time_steps(float(np.mean(base_s)), float(np.mean(p2l_s)) / n_star[task])
+            out[task]["equal_time_steps"] = n_eq
+            add(task, "p2l@N_eq", "p2l", n_eq)
         for s in BASELINES if cfg.short_baselines else ():
-            add(f"{s}@{cfg.p2l_steps}", s, cfg.p2l_steps)
-        out[task] = {"steps": N, "equal_time_steps": n_eq, "rows": rows}
+            add(task, f"{s}@{cfg.p2l_steps}", s, cfg.p2l_steps)
     return out
 
 
@@ -311,14 +319,16 @@ def markdown(record: dict) -> str:
     lines += [""] + [f"N*({task}) = {c['steps']}" + ("" if c["reached"] else
                      " (**not reached**: no N of the grid fits y to the tolerance)")
                      for task, c in record["curve"].items()]
-    lines += ["", "**rho at N*** (validation, mean PSNR over tasks)", "",
-              "| solver | rho | " + " | ".join(cfg["tasks"]) + " | objective |",
-              "|---" * (len(cfg["tasks"]) + 3) + "|"]
-    for e in record["tuning"]:
-        chosen = e["rho"] == record["rho"][e["solver"]]
-        lines.append(f"| {e['solver']} | {'**%g**' % e['rho'] if chosen else '%g' % e['rho']} | "
-                     + " | ".join(quality.fmt(e["per_task"][t]) for t in cfg["tasks"])
-                     + f" | {e['objective']:.2f} |")
+    lines += ["", "**rho at N*** (validation, mean PSNR dB; bold: chosen, per task)", "",
+              "| task | solver | " + " | ".join(f"rho {r:g}" for r in cfg["rho_grid"]) + " |",
+              "|---" * (len(cfg["rho_grid"]) + 2) + "|"]
+    for task in cfg["tasks"]:
+        for s in BASELINES:
+            cells = {e["rho"]: e["psnr"] for e in record["tuning"]
+                     if e["task"] == task and e["solver"] == s}
+            mark = lambda r, text: f"**{text}**" if r == record["rho"][s][task] else text
+            lines.append(f"| {task} | {s} | " + " | ".join(
+                mark(r, quality.fmt(cells.get(r))) for r in cfg["rho_grid"]) + " |")
     for task, t in record["test"].items():
         lines += ["", f"**{task} σ={cfg['sigma']:g}, test images** (N* = {t['steps']}, "
                   f"N_eq = {t['equal_time_steps']})", "",
@@ -352,6 +362,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--no-short-baselines", dest="short_baselines", action="store_false",
                    default=None, help="skip the baselines at --p2l-steps")
+    p.add_argument("--no-equal-time", dest="equal_time", action="store_false", default=None,
+                   help="skip P2L at the step count of equal wall time")
     p.add_argument("--stage", choices=("curve", "tune", "test"), default="test",
                    help="stop after this stage (the journal keeps what ran)")
     args = p.parse_args(argv)
@@ -360,7 +372,7 @@ def main(argv=None) -> int:
                 curve_rhos=tuples(args.curve_rhos), rho_grid=tuples(args.rho_grid),
                 tolerance=args.tolerance, p2l_steps=args.p2l_steps, n_curve=args.n_curve,
                 n_tune=args.n_tune, n=args.n, batch_size=args.batch_size,
-                short_baselines=args.short_baselines)
+                short_baselines=args.short_baselines, equal_time=args.equal_time)
     cfg = dataclasses.replace(get_config(args.quick),
                               **{k: v for k, v in over.items() if v is not None})
 

@@ -72,19 +72,21 @@ def test_runs_end_to_end_and_resumes_from_its_journal(tiny, tmp_path):
     truth = quality.load_images("validation", 1, quality.load(tiny).image_size, 0)
     assert curve["noise"]["mean"] == pytest.approx(0.05 * np.sqrt(truth.truth[0].size), rel=0.1)
 
-    # tuning: the objective is the mean PSNR of the journal's per-image scores; the best wins
+    # tuning (per task): the mean PSNR of the journal's per-image scores; the best wins
     def psnrs(split, solver, rho, steps=2):
         rows = [b for b in batches if b["split"] == split and b["config"]["rho"] == rho
                 and b["config"]["solver"] == solver and b["config"]["num_steps"] == steps]
         return sum((b["scores"]["psnr"] for b in sorted(rows, key=lambda b: b["start"])), [])
 
+    names = {"ldps": "LDPSConfig", "psld": "PSLDConfig"}
     for e in record["tuning"]:
-        names = {"ldps": "LDPSConfig", "psld": "PSLDConfig"}
-        assert e["objective"] == pytest.approx(np.mean(psnrs("validation", names[e["solver"]],
-                                                             e["rho"])))
+        assert e["task"] == TASK
+        assert e["psnr"]["mean"] == pytest.approx(np.mean(psnrs("validation",
+                                                                names[e["solver"]], e["rho"])))
     for s in cb.BASELINES:
-        scored = {e["rho"]: e["objective"] for e in record["tuning"] if e["solver"] == s}
-        assert record["rho"][s] == max(scored, key=scored.get)
+        scored = {e["rho"]: e["psnr"]["mean"] for e in record["tuning"] if e["solver"] == s}
+        assert sorted(scored) == [0.1, 0.3]
+        assert record["rho"][s][TASK] == max(scored, key=scored.get)
     # the curve's image is the tuning's first batch: computed once
     keys = [(b["split"], json.dumps(b["config"], sort_keys=True), b["start"]) for b in batches]
     assert len(keys) == len(set(keys))
@@ -93,7 +95,7 @@ def test_runs_end_to_end_and_resumes_from_its_journal(tiny, tmp_path):
     rows = test["rows"]
     assert set(rows) == {"ldps@N*", "psld@N*", "p2l@N*", "p2l@2", "p2l@N_eq", "ldps@2",
                          "psld@2"}
-    assert rows["ldps@N*"]["rho"] == record["rho"]["ldps"]
+    assert rows["ldps@N*"]["rho"] == record["rho"]["ldps"][TASK]
     assert all(len(r["scores"]["psnr"]) == 2 for r in rows.values())
     base = np.mean([rows[f"{s}@N*"]["wall_s_per_image"] for s in cb.BASELINES])
     assert test["equal_time_steps"] == cb.equal_time_steps(
