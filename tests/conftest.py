@@ -11,6 +11,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile many more XLA programs than they run steps of (tiny models), and on the CPU
+# most of a compile is LLVM's code generation: at LLVM -O0 a solver program compiles in about
+# two thirds of the time. XLA's HLO passes, and so the optimized HLO that test_conv_form
+# inspects, do not depend on this level; only the machine code is less optimized (and may
+# contract fewer multiply-adds, a float rounding difference). Set before JAX is imported;
+# an XLA_FLAGS that already names the level wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 
 
 @pytest.fixture(scope="session")

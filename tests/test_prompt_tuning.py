@@ -5,6 +5,7 @@ clipping, and the paper preset (tiny random SD 1.x model)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -80,29 +81,36 @@ def _problem(setup, cfg):
     return problem, inp
 
 
-def _residual_loss(setup, z0hat):
-    d = setup["y"] - setup["op"].forward(setup["model"].decode(z0hat))
-    return jnp.sum(d.reshape(2, -1) ** 2, axis=1) / setup["y"][0].size
+@functools.partial(jax.jit, static_argnames=("cfg", "fn"))
+def _at_step_1(model, op, y, keys, args, *, cfg, fn):
+    """fn(problem, inp, *args) jitted, with the problem and step 1's inputs built inside (the
+    reference computations of these tests, compiled once instead of run op by op)."""
+    problem, inp = _problem(dict(model=model, op=op, y=y, keys=keys), cfg)
+    return fn(problem, inp, *args)
 
 
-def test_objectives_follow_their_formulas(setup):
-    """Each objective equals its docstring formula, written here from the model's networks."""
-    m, z, C = setup["model"], setup["z"], jnp.broadcast_to(setup["C0"], (2, 77, 32))
-    cfg = dataclasses.replace(BASE, prompt_draws=2)
-    problem, inp = _problem(setup, cfg)
-    ab = inp.ab_t
+def _reference(setup, cfg, fn, *args):
+    return _at_step_1(setup["model"], setup["op"], setup["y"], setup["keys"], args, cfg=cfg, fn=fn)
 
+
+def _residual_loss(problem, z0hat):
+    d = problem.y - problem.operator.forward(problem.model.decode(z0hat))
+    return jnp.sum(d.reshape(2, -1) ** 2, axis=1) / problem.y[0].size
+
+
+def _objectives_and_formulas(problem, inp, z, C, lam):
+    """(objective, its formula written from the model's networks) for each objective."""
+    m, ab = problem.model, inp.ab_t
     z0 = tweedie(z, m.eps(z, inp.t, C), ab)
-    np.testing.assert_allclose(OBJECTIVES["tweedie"](problem, z, inp, C),
-                               _residual_loss(setup, z0), rtol=1e-5)
+    pairs = {"tweedie": (OBJECTIVES["tweedie"](problem, z, inp, C), _residual_loss(problem, z0))}
 
     xis = [jax.vmap(lambda k: jax.random.normal(k, z.shape[1:]))(_draw_keys(problem, inp.index, i))
            for i in range(2)]
-    want = sum(_residual_loss(setup, tweedie(zm, m.eps(zm, inp.t, C), ab)) for zm in
+    want = sum(_residual_loss(problem, tweedie(zm, m.eps(zm, inp.t, C), ab)) for zm in
                (jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * xi for xi in xis)) / 2
-    np.testing.assert_allclose(OBJECTIVES["renoised"](problem, z, inp, C), want, rtol=1e-5)
+    pairs["renoised"] = (OBJECTIVES["renoised"](problem, z, inp, C), want)
 
-    post = m.encode(setup["op"].prox(m.decode(z0), setup["y"], cfg.lam))
+    post = m.encode(problem.operator.prox(m.decode(z0), problem.y, lam))
     ac = jnp.asarray(m.schedule.alphas_cumprod())
     want = 0.0
     for i, xi in enumerate(xis):
@@ -111,7 +119,18 @@ def test_objectives_follow_their_formulas(setup):
         a = ac[s][:, None, None, None]
         d = m.eps(jnp.sqrt(a) * post + jnp.sqrt(1 - a) * xi, s, C) - xi
         want = want + jnp.mean(d.reshape(2, -1) ** 2, axis=1)
-    np.testing.assert_allclose(OBJECTIVES["marginal"](problem, z, inp, C), want / 2, rtol=1e-5)
+    pairs["marginal"] = (OBJECTIVES["marginal"](problem, z, inp, C), want / 2)
+    return pairs
+
+
+def test_objectives_follow_their_formulas(setup):
+    """Each objective equals its docstring formula, written here from the model's networks."""
+    z, C = setup["z"], jnp.broadcast_to(setup["C0"], (2, 77, 32))
+    cfg = dataclasses.replace(BASE, prompt_draws=2)
+    pairs = _reference(setup, cfg, _objectives_and_formulas, z, C, cfg.lam)
+    assert set(pairs) == set(OBJECTIVES)
+    for name, (got, want) in pairs.items():
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("objective", ["renoised", "marginal"])
@@ -122,8 +141,12 @@ def test_new_objectives_tune_C_per_sample(setup, objective):
     C0 = np.broadcast_to(np.asarray(setup["C0"]), both.embedding.shape)
     assert np.abs(np.asarray(both.embedding) - C0).max() > 1e-3
     assert np.isfinite(np.asarray(both.prompt_loss)).all()
-    alone = solve(setup["model"], setup["op"], setup["y"][:1], setup["keys"][:1], cfg)
-    np.testing.assert_allclose(alone.embedding[0], both.embedding[0], atol=2e-5)
+    # another batch mate (its measurement and key replaced), same shapes: one program
+    y = setup["y"].at[1].set(setup["y"][1, ::-1])
+    keys = setup["keys"].at[1].set(jax.random.key(99))
+    other = solve(setup["model"], setup["op"], y, keys, cfg)
+    np.testing.assert_allclose(other.embedding[0], both.embedding[0], atol=2e-5)
+    assert np.abs(np.asarray(other.embedding[1]) - np.asarray(both.embedding[1])).max() > 1e-3
 
 
 def test_tuning_window_is_data(setup):
@@ -184,15 +207,20 @@ def test_token_embeddings_through_the_encoder_are_the_text_embeddings(setup):
                                rtol=1e-5, atol=1e-6)
 
 
+def _token_space_gradient(problem, inp, z, e):
+    """grad_e of the summed tweedie objective at C = T(e)."""
+    loss = lambda e: OBJECTIVES["tweedie"](problem, z, inp,
+                                           problem.model.encode_token_embeddings(e)).sum()
+    return jax.grad(loss)(e)
+
+
 def test_token_space_step_is_a_gradient_step_on_e_through_the_encoder(setup):
     """K = 1, SGD: C* = T(e_0 - lr grad_e L(T(e))), the gradient taken here by jax.grad
     outside the solver's scan; the optimizer state carries e_1."""
     m, z = setup["model"], setup["z"]
     e0 = jnp.broadcast_to(m.token_embeddings([""]), (2, 77, 32))
     g = gradients_at(m, setup["op"], setup["y"], z, e0, 1, TOKENS)
-    problem, inp = _problem(setup, TOKENS)
-    loss = lambda e: OBJECTIVES["tweedie"](problem, z, inp, m.encode_token_embeddings(e)).sum()
-    g_e = jax.grad(loss)(e0)
+    g_e = _reference(setup, TOKENS, _token_space_gradient, z, e0)
     assert float(jnp.abs(g_e).max()) > 0
     e1 = e0 - 0.5 * g_e
     np.testing.assert_allclose(g.g_C, g_e, rtol=1e-4, atol=1e-7)
