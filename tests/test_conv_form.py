@@ -55,6 +55,32 @@ def test_cpu_form_equals_xla_conv_with_gradients(case, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * scale)
 
 
+@pytest.mark.parametrize("shape", [(8, 9, 8, 12), (9, 8, 40, 24), (3, 4, 16, 16)])
+def test_upsampled_conv_equals_conv_of_the_upsampled_map_with_gradients(shape, monkeypatch):
+    """upsample2x_conv2d (four phase kernels on the small map) against the plain 3x3
+    convolution of the nearest-neighbour x2 map: outputs, input and kernel gradients."""
+    from p2l_jax.models.conv import UPSAMPLE_PHASE_MIN_POSITIONS, upsample2x_conv2d
+    from p2l_jax.models.layers import nearest_resize
+
+    monkeypatch.setenv("P2L_JAX_CONV", "cpu")
+    h, w_, cin, cout = shape
+    kx, kw, kg = jax.random.split(jax.random.key(h * w_ + cin), 3)
+    x = jax.random.normal(kx, (2, h, w_, cin))
+    w = jax.random.normal(kw, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+    ref = lambda x, w: _reference(nearest_resize(x, (2 * h, 2 * w_)), w, 1, ((1, 1), (1, 1)))
+    y_ref, pull_ref = jax.vjp(ref, x, w)
+    y, pull = jax.vjp(jax.jit(upsample2x_conv2d), x, w)
+    # the phase form (one product with 4 O outputs) from UPSAMPLE_PHASE_MIN_POSITIONS on
+    jaxpr = jax.make_jaxpr(upsample2x_conv2d)(x, w).jaxpr
+    phase_outputs = [v for e in jaxpr.eqns for v in e.outvars if v.aval.shape[-1:] == (4 * cout,)]
+    assert bool(phase_outputs) == (h * w_ >= UPSAMPLE_PHASE_MIN_POSITIONS)
+    g = jax.random.normal(kg, y_ref.shape)
+    assert y.shape == y_ref.shape == (2, 2 * h, 2 * w_, cout)
+    for got, want in [(y, y_ref), *zip(pull(g), pull_ref(g))]:
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * scale)
+
+
 def test_cpu_form_bfloat16_matches_within_bfloat16_rounding(monkeypatch):
     from p2l_jax.models.conv import conv2d
 

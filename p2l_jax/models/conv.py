@@ -29,6 +29,10 @@ one XLA:CPU hands to its Eigen kernel, because the others run in XLA's naive ele
   product of the patch matrix (B Ho Wo, kh kw I) with the kernel matrix (kh kw I, O)
   (:func:`patch_conv`); autodiff of that is matrix products, pads and adds.
 * 1x1 convolutions without stride or padding are a matrix product over the channel axis.
+* A nearest-neighbour x2 up-sampling followed by a 3x3 convolution (padding 1, stride 1: the
+  decoders' ``Upsample2D``) is computed on the small map (:func:`upsample2x_conv2d`): each of
+  the four output phases reads a 2x2 neighbourhood of the input with summed kernel taps, which
+  is 16 multiply-adds per (input, output channel) pair and input position instead of 36.
 
 Outputs and gradients equal ``lax.conv_general_dilated``'s within float rounding (the sums
 run in another order); ``tests/test_conv_form.py`` checks that and the compiled form.
@@ -86,6 +90,57 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
     if ho * wo <= cout or min(x.shape[1] * x.shape[2], ho * wo) < kh * kw:
         return patch_conv(x, kernel, strides, padding)
     return _canonical_conv(x, kernel, strides, padding)
+
+
+#: Positions of the small map from which :func:`upsample2x_conv2d` computes on it [ours]. The
+#: four phase kernels (16 I O values) are rebuilt at each call; on small maps with many
+#: channels that costs more than the convolution saves (with the phase form on every map,
+#: SD 1.5's UNet forward at 128 px, whose upsamplers read 2x2 and 4x4 maps of 1280 channels,
+#: took twice as long: `python -m benchmarks.cpu_breakdown --model sd15 --resolution 128`).
+UPSAMPLE_PHASE_MIN_POSITIONS = 64
+
+
+def _phase_taps(w: jax.Array) -> list[list[jax.Array]]:
+    """Along the first axis of ``w`` (a 3x3 kernel's rows, or a row's columns): the taps of
+    output phase 0, which reads input offsets (-1, 0), are (w_0, w_1 + w_2); of phase 1,
+    offsets (0, +1), (w_0 + w_1, w_2). Nearest-neighbour x2 repeats each input row twice, so
+    the 3x3 window of phase 0 covers input rows (p - 1, p, p) and that of phase 1 rows
+    (p, p, p + 1)."""
+    return [[w[0], w[1] + w[2]], [w[0] + w[1], w[2]]]
+
+
+def upsample2x_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """conv2d(up2(x), kernel, padding 1) for a 3x3 kernel, with up2 nearest-neighbour x2:
+
+        y[b, 2p + a, 2q + c, o] = sum_{t, u in {0, 1}} sum_i x_pad[b, p + a + t, q + c + u, i]
+                                                              K_ac[t, u, i, o]
+
+    with x_pad = x padded by one zero on each side and K_ac the phase kernel of output phase
+    (a, c): its row taps are (w_0, w_1 + w_2) for a = 0 and (w_0 + w_1, w_2) for a = 1
+    (:func:`_phase_taps`), its column taps likewise for c. The four phase kernels form one 2x2
+    convolution with 4 O outputs over x_pad ((H + 1) x (W + 1) positions), whose shifted
+    slices interleave into the (2H, 2W) output: 16 multiply-adds per input position and
+    channel pair instead of the 36 of the 3x3 convolution on the (2H, 2W) map. Equal to that
+    up to float rounding (taps are summed before the products). Plain form on accelerators
+    (``conv_form() == "xla"``) and on maps under ``UPSAMPLE_PHASE_MIN_POSITIONS``.
+    """
+    if kernel.shape[:2] != (3, 3):
+        raise P2LError(f"upsample2x_conv2d: kernel {kernel.shape} is not 3x3")
+    b, h, w, _ = x.shape
+    if conv_form() == "xla" or h * w < UPSAMPLE_PHASE_MIN_POSITIONS:
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv2d(up, kernel, (1, 1), ((1, 1), (1, 1)))
+    cout = kernel.shape[-1]
+    rows = _phase_taps(kernel.astype(jnp.float32))              # rows[a][t]: (3, I, O)
+    taps = [[_phase_taps(rows[a][t]) for t in range(2)] for a in range(2)]
+    # taps[a][t][c][u]: (I, O); the 2x2 kernel's output channels run over (a, c, o)
+    phases = jnp.stack([jnp.stack([
+        jnp.concatenate([taps[a][t][c][u] for a in range(2) for c in range(2)], axis=-1)
+        for u in range(2)]) for t in range(2)]).astype(x.dtype)
+    out = conv2d(x, phases, (1, 1), ((1, 1), (1, 1))).reshape(b, h + 1, w + 1, 2, 2, cout)
+    rows_out = [jnp.stack([out[:, a:a + h, c:c + w, a, c] for c in range(2)], axis=3)
+                for a in range(2)]                              # (B, H, W, 2, O) per a
+    return jnp.stack(rows_out, axis=2).reshape(b, 2 * h, 2 * w, cout)
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
