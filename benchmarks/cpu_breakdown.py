@@ -1,7 +1,7 @@
 """Where a P2L step's time goes: each network pass, JAX vs PyTorch, same weights and inputs.
 
     python -m benchmarks.cpu_breakdown [--model embedded|tiny|sd15|sd21|DIR] [--resolution PX]
-        [--repeats 5] [--forms xla,cpu]
+        [--repeats 5] [--forms xla,cpu] [--decoder-blocks]
 
 A P2L step (``full`` gradient) is two forward + input-gradient passes through UNet and
 decoder (prompt update, latent update), plus an encoder forward when it projects. This times
@@ -12,6 +12,12 @@ see p2l_jax/models/conv.py), once per convolution form of ``--forms`` (``P2L_JAX
 batch 1, float32, t = 500: UNet forward, UNet vjp w.r.t. (z_t, C), decoder forward, decoder
 vjp w.r.t. z, encoder forward. Prints seconds (median of ``--repeats``) and JAX / torch, so a
 slower end-to-end step can be traced to the network pass that causes it.
+
+``--decoder-blocks`` adds a table one level down for the decoder, the pass that stays slower
+than torch on SD-sized maps: each block (conv_in, mid block, each up block, output norm + SiLU
++ conv) on its real input (the previous block's output), forward and vjp (cotangent = its own
+output) in JAX (inside a one-iteration ``lax.scan``, the package's convolution form for the
+backend) and in PyTorch eager on the same weights.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--forms", default="xla,cpu",
                    help="comma list of convolution forms (P2L_JAX_CONV) to time (%(default)s)")
+    p.add_argument("--decoder-blocks", action="store_true",
+                   help="also time each decoder block, forward and vjp, JAX vs torch")
     args = p.parse_args(argv)
     forms = [f for f in args.forms.split(",") if f]
     import jax
@@ -117,7 +125,54 @@ def main(argv=None) -> int:
         tr = median_seconds(torch_parts[name], args.repeats)
         print(f"| {name} | {' | '.join(f'{j:.4g}' for j in seconds)} | {tr:.4g} | "
               f"{' | '.join(f'{j / tr:.2f}' for j in seconds)} |", flush=True)
+    if args.decoder_blocks:
+        decoder_block_table(model._net("vae").decoder, vae.decoder, z / model.scaling_factor,
+                            args.repeats)
     return 0
+
+
+def decoder_block_table(dec, tdec, z, repeats: int) -> None:
+    """Print forward and vjp seconds of each decoder block, JAX (``dec``, NNX) vs torch
+    (``tdec``, diffusers), each block fed the previous block's output, starting from the
+    unscaled latent ``z`` (B, h, w, c)."""
+    import jax
+    import torch
+
+    out = lambda v: dec.conv_out(jax.nn.silu(dec.conv_norm_out(v)))
+    t_out = lambda v: tdec.conv_out(tdec.conv_act(tdec.conv_norm_out(v)))
+    blocks = [("conv_in", dec.conv_in, tdec.conv_in),
+              ("mid block", dec.mid_block, lambda v: tdec.mid_block(v, None))]
+    blocks += [(f"up block {i}", b, tb) for i, (b, tb) in enumerate(zip(dec.up_blocks,
+                                                                        tdec.up_blocks))]
+    blocks += [("norm_out + SiLU + conv_out", out, t_out)]
+    print("\n| decoder block | input (B, H, W, C) | JAX fwd s | torch fwd s | JAX / torch fwd "
+          "| JAX vjp s | torch vjp s | JAX / torch vjp |")
+    print("|---" * 8 + "|")
+    h = jax.numpy.asarray(z)
+    th = torch.from_numpy(np.asarray(z)).permute(0, 3, 1, 2).contiguous()
+    for name, f, tf in blocks:
+        def vjp(h, f=f):
+            y, pull = jax.vjp(f, h)
+            return pull(y)[0]
+        in_scan = lambda g: jax.jit(lambda h: jax.lax.scan(lambda c, _: (c, g(h)), 0, None,
+                                                           length=1)[1])
+        j_fwd, j_vjp = in_scan(f), in_scan(vjp)
+        jf = median_seconds(lambda: j_fwd(h), repeats)
+        jv = median_seconds(lambda: j_vjp(h), repeats)
+
+        def t_fwd(tf=tf):
+            with torch.no_grad():
+                return tf(th)
+
+        def t_vjp(tf=tf):
+            a = th.clone().requires_grad_(True)
+            y = tf(a)
+            torch.autograd.grad(y, a, y)
+
+        tfs, tvs = median_seconds(t_fwd, repeats), median_seconds(t_vjp, repeats)
+        print(f"| {name} | {tuple(h.shape)} | {jf:.4g} | {tfs:.4g} | {jf / tfs:.2f} | {jv:.4g} "
+              f"| {tvs:.4g} | {jv / tvs:.2f} |", flush=True)
+        h, th = jax.jit(f)(h), t_fwd()
 
 
 if __name__ == "__main__":

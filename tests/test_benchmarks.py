@@ -3,6 +3,7 @@ count equals torch's FLOP counter on the same architecture. No timing thresholds
 
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
@@ -158,8 +159,11 @@ def test_cpu_breakdown_times_every_network_pass_in_both_frameworks(capsys):
     pytest.importorskip("diffusers")
     from benchmarks import cpu_breakdown
 
-    assert cpu_breakdown.main(["--model", "tiny", "--repeats", "1", "--forms", "xla,cpu"]) == 0
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+    assert cpu_breakdown.main(["--model", "tiny", "--repeats", "1", "--forms", "xla,cpu",
+                               "--decoder-blocks"]) == 0
+    out = capsys.readouterr().out
+    passes, blocks = out.split("| decoder block |")
+    rows = [line.split("|")[1:-1] for line in passes.splitlines()
             if line.startswith("| ") and not line.startswith("| pass")]
     assert [r[0].strip() for r in rows] == ["unet forward", "unet vjp (z, C)",
                                             "decoder forward", "decoder vjp (z)",
@@ -169,3 +173,13 @@ def test_cpu_breakdown_times_every_network_pass_in_both_frameworks(capsys):
         for jax_s, ratio in ((jax_xla, ratio_xla), (jax_cpu, ratio_cpu)):
             assert float(ratio) == pytest.approx(float(jax_s) / float(torch_s), rel=0.02,
                                                  abs=0.01)
+    # the decoder, block by block, each fed the previous block's output
+    rows = [line.split("|")[1:-1] for line in blocks.splitlines()[2:] if line.startswith("| ")]
+    names = [r[0].strip() for r in rows]
+    assert names[:2] == ["conv_in", "mid block"] and names[-1] == "norm_out + SiLU + conv_out"
+    assert names[2:-1] == [f"up block {i}" for i in range(len(names) - 3)] and len(names) > 3
+    shapes = [ast.literal_eval(r[1].strip()) for r in rows]  # (B, H, W, C): the maps grow through the up blocks
+    assert shapes[-1][1] > shapes[0][1]
+    for _, _, jf, tf, rf, jv, tv, rv in rows:
+        assert float(rf) == pytest.approx(float(jf) / float(tf), rel=0.02, abs=0.01)
+        assert float(rv) == pytest.approx(float(jv) / float(tv), rel=0.02, abs=0.01)
