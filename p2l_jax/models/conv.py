@@ -94,9 +94,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
 
 #: Positions of the small map from which :func:`upsample2x_conv2d` computes on it [ours]. The
 #: four phase kernels (16 I O values) are rebuilt at each call; on small maps with many
-#: channels that costs more than the convolution saves (with the phase form on every map,
-#: SD 1.5's UNet forward at 128 px, whose upsamplers read 2x2 and 4x4 maps of 1280 channels,
-#: took twice as long: `python -m benchmarks.cpu_breakdown --model sd15 --resolution 128`).
+#: channels that costs more than the convolution saves: with the phase form on every map (no
+#: threshold), SD 1.5's UNet forward at 128 px, whose up-samplers read 2x2 and 4x4 maps of 1280
+#: channels, went from 0.87 to 1.87 s (`python -m benchmarks.cpu_breakdown --model sd15
+#: --resolution 128`, one core, load 2.5, measured once when this threshold was set).
 UPSAMPLE_PHASE_MIN_POSITIONS = 64
 
 
