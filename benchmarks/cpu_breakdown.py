@@ -134,31 +134,39 @@ def main(argv=None) -> int:
 def decoder_block_table(dec, tdec, z, repeats: int) -> None:
     """Print forward and vjp seconds of each decoder block, JAX (``dec``, NNX) vs torch
     (``tdec``, diffusers), each block fed the previous block's output, starting from the
-    unscaled latent ``z`` (B, h, w, c)."""
+    unscaled latent ``z`` (B, h, w, c). The JAX programs take the decoder's parameters as
+    arguments, as the solver's do (closed over, XLA would see constant weights and could fold
+    or route them differently)."""
     import jax
     import torch
+    from flax import nnx
 
-    out = lambda v: dec.conv_out(jax.nn.silu(dec.conv_norm_out(v)))
-    t_out = lambda v: tdec.conv_out(tdec.conv_act(tdec.conv_norm_out(v)))
-    blocks = [("conv_in", dec.conv_in, tdec.conv_in),
-              ("mid block", dec.mid_block, lambda v: tdec.mid_block(v, None))]
-    blocks += [(f"up block {i}", b, tb) for i, (b, tb) in enumerate(zip(dec.up_blocks,
-                                                                        tdec.up_blocks))]
-    blocks += [("norm_out + SiLU + conv_out", out, t_out)]
+    graphdef, params = nnx.split(dec)
+    n_up = len(dec.up_blocks)
+    blocks = [("conv_in", lambda d, v: d.conv_in(v), tdec.conv_in),
+              ("mid block", lambda d, v: d.mid_block(v), lambda v: tdec.mid_block(v, None))]
+    blocks += [(f"up block {i}", lambda d, v, i=i: d.up_blocks[i](v), tdec.up_blocks[i])
+               for i in range(n_up)]
+    blocks += [("norm_out + SiLU + conv_out",
+                lambda d, v: d.conv_out(jax.nn.silu(d.conv_norm_out(v))),
+                lambda v: tdec.conv_out(tdec.conv_act(tdec.conv_norm_out(v))))]
     print("\n| decoder block | input (B, H, W, C) | JAX fwd s | torch fwd s | JAX / torch fwd "
           "| JAX vjp s | torch vjp s | JAX / torch vjp |")
     print("|---" * 8 + "|")
     h = jax.numpy.asarray(z)
     th = torch.from_numpy(np.asarray(z)).permute(0, 3, 1, 2).contiguous()
     for name, f, tf in blocks:
-        def vjp(h, f=f):
-            y, pull = jax.vjp(f, h)
+        fwd = lambda p, v, f=f: f(nnx.merge(graphdef, p), v)
+
+        def vjp(p, v, fwd=fwd):
+            y, pull = jax.vjp(lambda v: fwd(p, v), v)
             return pull(y)[0]
-        in_scan = lambda g: jax.jit(lambda h: jax.lax.scan(lambda c, _: (c, g(h)), 0, None,
-                                                           length=1)[1])
-        j_fwd, j_vjp = in_scan(f), in_scan(vjp)
-        jf = median_seconds(lambda: j_fwd(h), repeats)
-        jv = median_seconds(lambda: j_vjp(h), repeats)
+
+        in_scan = lambda g: jax.jit(lambda p, v: jax.lax.scan(lambda c, _: (c, g(p, v)), 0,
+                                                              None, length=1)[1])
+        j_fwd, j_vjp = in_scan(fwd), in_scan(vjp)
+        jf = median_seconds(lambda: j_fwd(params, h), repeats)
+        jv = median_seconds(lambda: j_vjp(params, h), repeats)
 
         def t_fwd(tf=tf):
             with torch.no_grad():
@@ -172,7 +180,7 @@ def decoder_block_table(dec, tdec, z, repeats: int) -> None:
         tfs, tvs = median_seconds(t_fwd, repeats), median_seconds(t_vjp, repeats)
         print(f"| {name} | {tuple(h.shape)} | {jf:.4g} | {tfs:.4g} | {jf / tfs:.2f} | {jv:.4g} "
               f"| {tvs:.4g} | {jv / tvs:.2f} |", flush=True)
-        h, th = jax.jit(f)(h), t_fwd()
+        h, th = jax.jit(fwd)(params, h), t_fwd()
 
 
 if __name__ == "__main__":
