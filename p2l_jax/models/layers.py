@@ -100,11 +100,11 @@ class GroupNorm(nnx.Module):
     The input is cast to float32 and the output back to the input dtype.
 
     Both moments are summed per channel over the spatial axes first, then over the channels
-    of each group: sum_{b,g} = sum_{c in g} (sum_{positions} x[b, ..., c]). XLA:CPU runs
-    these per-channel reductions, and their gradients, faster than one reduction over
-    (positions, channels of a group) of the grouped view (B, HW, G, C/G) on the VAE's large
-    maps (the decoder's output norm, docs/BENCHMARKS.md); the result differs by float
-    rounding only.
+    of each group: sum_{b,g} = sum_{c in g} (sum_{positions} x[b, ..., c]). On the VAE's
+    large maps XLA:CPU runs these per-channel reductions, and their gradients, faster than one
+    reduction over (positions, channels of a group) of the grouped view (B, HW, G, C/G)
+    (measured together with the up-sampler change in docs/BENCHMARKS.md); the result differs
+    by float rounding only.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float, *,
