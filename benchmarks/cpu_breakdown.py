@@ -66,10 +66,6 @@ def main(argv=None) -> int:
     def dec_vjp(m, z, g):
         return jax.vjp(m.decode, z)[1](g)[0]
 
-    def in_scan(f):
-        """jit(f) with its body in a one-iteration lax.scan, as in the solver."""
-        return jax.jit(lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0, None, length=1)[1])
-
     x = np.zeros(x_shape, np.float32)
     parts = {
         "unet forward": (lambda m, z, C: m.eps(z, jnp.asarray([t]), C), (model, z, C)),
@@ -131,6 +127,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def in_scan(f):
+    """jit(f) with its body in a one-iteration lax.scan, as in the solver."""
+    import jax
+
+    return jax.jit(lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0, None, length=1)[1])
+
+
 def decoder_block_table(dec, tdec, z, repeats: int) -> None:
     """Print forward and vjp seconds of each decoder block, JAX (``dec``, NNX) vs torch
     (``tdec``, diffusers), each block fed the previous block's output, starting from the
@@ -162,8 +165,6 @@ def decoder_block_table(dec, tdec, z, repeats: int) -> None:
             y, pull = jax.vjp(lambda v: fwd(p, v), v)
             return pull(y)[0]
 
-        in_scan = lambda g: jax.jit(lambda p, v: jax.lax.scan(lambda c, _: (c, g(p, v)), 0,
-                                                              None, length=1)[1])
         j_fwd, j_vjp = in_scan(fwd), in_scan(vjp)
         jf = median_seconds(lambda: j_fwd(params, h), repeats)
         jv = median_seconds(lambda: j_vjp(params, h), repeats)
