@@ -8,7 +8,9 @@ decoder (prompt update, latent update), plus an encoder forward when it projects
 each piece alone in PyTorch eager (diffusers modules carrying the same parameters,
 ``benchmarks.torch_baseline``) and jitted in JAX inside a one-iteration ``lax.scan``, where
 the solver runs them (XLA:CPU compiles loop bodies differently from the entry computation,
-see p2l_jax/models/conv.py), once per convolution form of ``--forms`` (``P2L_JAX_CONV``), at
+see p2l_jax/models/conv.py), once per convolution form of ``--forms`` (``P2L_JAX_CONV``; and
+``cpu-ynn``: the CPU form compiled with XLA:CPU's default options, which hand convolutions to
+YNNPACK, where ``cpu`` compiles through :func:`p2l_jax.jit.jit` as the package does), at
 batch 1, float32, t = 500: UNet forward, UNet vjp w.r.t. (z_t, C), decoder forward, decoder
 vjp w.r.t. z, encoder forward. Prints seconds (median of ``--repeats``) and JAX / torch, so a
 slower end-to-end step can be traced to the network pass that causes it.
@@ -37,7 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--forms", default="xla,cpu",
-                   help="comma list of convolution forms (P2L_JAX_CONV) to time (%(default)s)")
+                   help="comma list of convolution forms (P2L_JAX_CONV: xla, cpu; cpu-ynn = cpu "
+                        "with XLA's default YNNPACK fusions) to time (%(default)s)")
     p.add_argument("--decoder-blocks", action="store_true",
                    help="also time each decoder block, forward and vjp, JAX vs torch")
     args = p.parse_args(argv)
@@ -115,8 +118,8 @@ def main(argv=None) -> int:
     for name, (fn, fargs) in parts.items():
         seconds = []
         for form in forms:
-            with conv_form(form):  # a new jitted function per form
-                jitted = in_scan(fn)
+            with conv_form(form.removesuffix("-ynn")):  # a new jitted function per form
+                jitted = in_scan(fn, package_options=not form.endswith("-ynn"))
                 seconds.append(median_seconds(lambda: jitted(*fargs), args.repeats))
         tr = median_seconds(torch_parts[name], args.repeats)
         print(f"| {name} | {' | '.join(f'{j:.4g}' for j in seconds)} | {tr:.4g} | "
@@ -127,11 +130,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def in_scan(f):
-    """jit(f) with its body in a one-iteration lax.scan, as in the solver."""
+def in_scan(f, package_options: bool = True):
+    """jit(f) with its body in a one-iteration lax.scan, as in the solver; compiled through
+    the package's ``jit`` (its XLA:CPU options, p2l_jax/jit.py) or, with ``package_options``
+    False, plain ``jax.jit`` (XLA's defaults)."""
     import jax
 
-    return jax.jit(lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0, None, length=1)[1])
+    from p2l_jax.jit import jit
+
+    return (jit if package_options else jax.jit)(
+        lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0, None, length=1)[1])
 
 
 def decoder_block_table(dec, tdec, z, repeats: int) -> None:
@@ -181,7 +189,7 @@ def decoder_block_table(dec, tdec, z, repeats: int) -> None:
         tfs, tvs = median_seconds(t_fwd, repeats), median_seconds(t_vjp, repeats)
         print(f"| {name} | {tuple(h.shape)} | {jf:.4g} | {tfs:.4g} | {jf / tfs:.2f} | {jv:.4g} "
               f"| {tvs:.4g} | {jv / tvs:.2f} |", flush=True)
-        h, th = jax.jit(fwd)(params, h), t_fwd()
+        h, th = j_fwd(params, h)[0], t_fwd()  # the scan stacks its one output
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def time_jax(side: int, ch: int, batch: int, repeats: int, form: str) -> tuple[f
     import jax.numpy as jnp
 
     from benchmarks.measure import conv_form
+    from p2l_jax.jit import jit
     from p2l_jax.models.conv import conv2d
 
     x = jax.random.normal(jax.random.key(0), (batch, side, side, ch))
@@ -71,7 +72,7 @@ def time_jax(side: int, ch: int, batch: int, repeats: int, form: str) -> tuple[f
     vjp = lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
 
     def in_scan(f):
-        return jax.jit(lambda x, *a: jax.lax.scan(lambda c, _: (f(c, *a), None), x, None,
+        return jit(lambda x, *a: jax.lax.scan(lambda c, _: (f(c, *a), None), x, None,
                                                   length=1)[0])
 
     with conv_form(form):
@@ -86,6 +87,7 @@ def time_small_map_forms(side: int, ch: int, batch: int, repeats: int) -> dict[s
     custom input gradient), whatever :func:`~p2l_jax.models.conv.conv2d` would pick."""
     import jax
 
+    from p2l_jax.jit import jit
     from p2l_jax.models import conv
 
     x = jax.random.normal(jax.random.key(0), (batch, side, side, ch))
@@ -98,8 +100,8 @@ def time_small_map_forms(side: int, ch: int, batch: int, repeats: int) -> dict[s
         def both(c, w, f=f):
             y, pullback = jax.vjp(lambda c: f(c, w), c)
             return y + pullback(y)[0]
-        prog = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (both(c, w), None), x, None,
-                                                 length=1)[0])
+        prog = jit(lambda x, w: jax.lax.scan(lambda c, _: (both(c, w), None), x, None,
+                                             length=1)[0])
         out[name] = median_seconds(lambda: prog(x, w), repeats)
     return out
 

@@ -41,7 +41,10 @@ two sides are then not interleaved, so a change of load between them moves the r
 child's load averages and input fingerprint (shapes and sums of mask, y, z and the prompt
 embedding, checked equal to this process's) are in ``torch_side``. ``--conv xla`` measures
 the plain ``lax.conv_general_dilated`` form (what the networks ran before the CPU form of
-:mod:`p2l_jax.models.conv`), ``--conv auto`` (default) what the package picks.
+:mod:`p2l_jax.models.conv`), ``--conv auto`` (default) what the package picks. The JAX
+programs compile through :func:`p2l_jax.jit.jit`, as the package's do; the record keeps the
+XLA options that gave (``compiler_options``: on the CPU, convolutions kept out of YNNPACK)
+and the environment's ``XLA_FLAGS`` (``xla_flags``).
 
 It prints a markdown row (:func:`markdown_row`) and writes the JSON record (``--json``).
 The measurement y is an inpainting of random images (``--task``, default ``inpaint-random``),
@@ -227,6 +230,7 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
 
     from benchmarks import flops as flopcount
     from benchmarks.measure import block, peak_memory
+    from p2l_jax.jit import jit
     from p2l_jax.solvers import split
     from p2l_jax.solvers.program import initial_state, make_problem, solve_prepared, step_inputs
     from p2l_jax.solvers.registry import solver_of
@@ -267,10 +271,10 @@ def run_jax(cfg: BenchConfig, model) -> tuple[dict, dict, dict]:
     inp = jax.tree_util.tree_map(lambda a: a[0], inputs)
     inp = inp._replace(project=jnp.asarray(False))
     log("compiling one step")
-    step_c, step_compile_s = _lower_compile(jax.jit(step), model, op, y, keys, settings, state,
+    step_c, step_compile_s = _lower_compile(jit(step), model, op, y, keys, settings, state,
                                             inp)
     calls["jax_step"] = lambda: step_c(model, op, y, keys, settings, state, inp)
-    decode = jax.jit(lambda m, z: m.decode(z)).lower(model, state.z).compile()
+    decode = jit(lambda m, z: m.decode(z)).lower(model, state.z).compile()
     calls["jax_decode"] = lambda: decode(model, state.z)
     log("first calls")
     for call in calls.values():
@@ -427,6 +431,7 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
 
     from benchmarks.measure import interleaved_times, matmul_peak, peak_memory
     from p2l_jax.errors import P2LError
+    from p2l_jax.jit import compiler_options
 
     if cfg.compilation_cache:
         enable_compilation_cache(cfg.compilation_cache)
@@ -441,6 +446,8 @@ def _run_benchmark(cfg: BenchConfig) -> dict:
     log(f"building {cfg.model} ({cfg.dtype}, attention {cfg.attention}, conv {cfg.conv})")
     model, dicts = build_model(cfg)
     record = {"config": dataclasses.asdict(cfg), "device": device,
+              "compiler_options": compiler_options(),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "model_build_s": time.perf_counter() - start,
               "parameters": int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(
                   model.params)))}

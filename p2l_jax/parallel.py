@@ -40,6 +40,7 @@ from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from p2l_jax.errors import P2LError
 from p2l_jax.imageio import write_json
+from p2l_jax.jit import jit
 
 DATA_AXIS = "data"
 MODES = ("shard_map", "pmap")
@@ -158,6 +159,9 @@ class ShardedBatchFn:
     ``shared`` are replicated pytrees (model, operator, config): their array leaves are jit
     arguments, their other leaves static. ``fn`` sees ``B_pad / n`` images per device and must
     return a pytree whose leaves all have that leading axis.
+
+    The ``shard_map`` program compiles through :func:`p2l_jax.jit.jit` (the package's XLA:CPU
+    options); ``pmap`` takes no compiler options, so that mode compiles with XLA's defaults.
     """
 
     def __init__(self, fn: Callable, mode: str = "shard_map",
@@ -179,7 +183,7 @@ class ShardedBatchFn:
                     in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
                     check_vma=False)(batched, dynamic)
 
-            self._compiled = jax.jit(run, static_argnums=(2,))
+            self._compiled = jit(run, static_argnums=(2,))
         else:
             self._compiled = jax.pmap(per_shard, axis_name=DATA_AXIS, in_axes=(0, None),
                                       static_broadcasted_argnums=(2,), devices=self.devices)

@@ -117,6 +117,61 @@ def slow_convolutions(hlo_text: str) -> list[str]:
     return bad
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+
+
+def ynn_convolutions(hlo_text: str) -> list[str]:
+    """The convolutions of an optimized XLA:CPU module that run in YNNPACK: those inside the
+    computations its ``__ynn_fusion`` instructions call (p2l_jax/jit.py says why not there)."""
+    bodies, name = {}, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            name = m.group(1)
+            bodies[name] = []
+        elif name is not None:
+            bodies[name].append(line)
+    called = [re.search(r"calls=%([\w.\-]+)", line).group(1)
+              for line in hlo_text.splitlines() if '"__ynn_fusion"' in line and "calls=%" in line]
+    return [line.strip()[:240] for c in called for line in bodies.get(c, ())
+            if _CONV.search(line)]
+
+
+def test_ynn_convolution_finder_and_the_package_jit_keep_convolutions_out_of_ynnpack(
+        monkeypatch):
+    """XLA:CPU's default hands this scan-body convolution and its gradient to YNNPACK (the
+    finder sees that); compiled through ``p2l_jax.jit.jit`` the same program has none there,
+    unless the user's XLA_FLAGS names the option or the plain form is asked for."""
+    from p2l_jax import jit as pjit
+    from p2l_jax.models.conv import conv2d
+
+    monkeypatch.setenv("P2L_JAX_CONV", "cpu")
+    if not pjit.compiler_options():
+        pytest.skip("this jaxlib does not take the YNNPACK fusion option")
+    x, w = jnp.ones((1, 16, 16, 64)), jnp.ones((3, 3, 64, 64)) / 576.0  # YNNPACK-sized
+
+    def program(x, w):
+        body = lambda c, _: (c + jax.grad(lambda c: (conv2d(c, w, (1, 1), ((1, 1), (1, 1)))
+                                                      ** 2).sum())(c), None)
+        return lax.scan(body, x, None, length=2)[0]
+
+    default = jax.jit(program).lower(x, w).compile().as_text()
+    assert ynn_convolutions(default), "XLA:CPU's default no longer uses YNNPACK convolutions"
+    ours = pjit.jit(program)
+    hlo = ours.lower(x, w).compile().as_text()
+    assert hlo.count("convolution(") >= 2 and not ynn_convolutions(hlo)
+    assert not slow_convolutions(hlo)
+    np.testing.assert_allclose(ours(x, w), jax.jit(program)(x, w), rtol=1e-5, atol=1e-6)
+    assert ours._cache_size() == 1
+    monkeypatch.setenv("P2L_JAX_CONV", "xla")  # plain form: XLA's defaults, its own program
+    assert pjit.compiler_options() == {}
+    ours(x, w)
+    assert ours._cache_size() == 2
+    monkeypatch.setenv("P2L_JAX_CONV", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=+reduce")
+    assert pjit.compiler_options() == {}
+
+
 def test_slow_convolution_finder_flags_the_forms_xla_emits_for_conv_gradients():
     """The finder itself: JAX's own conv transpose inside a scan body, and a conv on a 2x2 map,
     compile to the forms the networks must not contain."""
@@ -138,13 +193,14 @@ def test_slow_convolution_finder_flags_the_forms_xla_emits_for_conv_gradients():
 def test_p2l_step_and_solve_compile_only_fast_convolutions():
     """Regression (issue 16): the P2L step program (prompt-tuning loop, latent gradient,
     projection) and a 2-step solve (the step inside ``lax.scan``) on the embedded model hold
-    no convolution outside XLA:CPU's Eigen form."""
+    no convolution outside XLA:CPU's Eigen form, and none in YNNPACK."""
     import p2l_jax
     from p2l_jax.operators import make_operator
     from p2l_jax.solvers import P2LConfig
     from p2l_jax.solvers.driver import prepare
     from p2l_jax.solvers.program import initial_state, make_problem, solve_prepared, step_inputs
     from p2l_jax.solvers.registry import solver_of
+    from p2l_jax.jit import jit
 
     assert jax.default_backend() == "cpu"  # tests/conftest.py pins JAX_PLATFORMS=cpu
     model = p2l_jax.load_model()
@@ -159,7 +215,7 @@ def test_p2l_step_and_solve_compile_only_fast_convolutions():
         return solver_of(P2LConfig).step(problem, initial_state(problem, C0, p.latent_shape), inp)
 
     inp = jax.tree_util.tree_map(lambda a: a[0], step_inputs(model, structure, settings, 1))
-    step_hlo = jax.jit(step).lower(model, op, p.y, p.keys, p.C0, settings,
+    step_hlo = jit(step).lower(model, op, p.y, p.keys, p.C0, settings,
                                    inp).compile().as_text()
     solve_hlo = solve_prepared.lower(model, op, p.y, p.keys, p.C0, p.C_neg, settings,
                                      structure=structure,
@@ -168,3 +224,5 @@ def test_p2l_step_and_solve_compile_only_fast_convolutions():
         assert hlo.count("convolution(") > 20, name  # the networks' convs are there
         bad = slow_convolutions(hlo)
         assert not bad, f"{name}: {len(bad)} slow convolutions, e.g. {bad[:3]}"
+        in_ynn = ynn_convolutions(hlo)
+        assert not in_ynn, f"{name}: {len(in_ynn)} convolutions in YNNPACK, e.g. {in_ynn[:2]}"

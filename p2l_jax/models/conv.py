@@ -34,6 +34,10 @@ one XLA:CPU hands to its Eigen kernel, because the others run in XLA's naive ele
   the four output phases reads a 2x2 neighbourhood of the input with summed kernel taps, which
   is 16 multiply-adds per (input, output channel) pair and input position instead of 36.
 
+Which kernel then runs these convolutions is a compile option: the programs that run the
+networks compile through :func:`p2l_jax.jit.jit`, which on the CPU keeps them in Eigen (this
+jaxlib's XLA:CPU would hand most of them to YNNPACK, slower here; see that module).
+
 Outputs and gradients equal ``lax.conv_general_dilated``'s within float rounding (the sums
 run in another order); ``tests/test_conv_form.py`` checks that and the compiled form.
 

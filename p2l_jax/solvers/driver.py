@@ -10,13 +10,13 @@ the other samples of its batch. The output image is D(z_0), the decoded final la
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from p2l_jax.errors import P2LError
+from p2l_jax.jit import jit
 from p2l_jax.operators.base import measurement_shape
 from p2l_jax.solvers import program
 from p2l_jax.solvers.common import State
@@ -144,7 +144,7 @@ def _embedding(C, batch: int, name: str) -> jax.Array:
     return C
 
 
-@functools.partial(jax.jit, static_argnames=("structure",))
+@jit(static_argnames=("structure",))
 def _gradients_at(model, operator, y, z_t, C, C_neg, index, settings, *, structure):
     keys = per_sample_keys(jax.random.key(0), z_t.shape[0])
     problem = make_problem(model, operator, y, keys, structure, settings, C_neg)

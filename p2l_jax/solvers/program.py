@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from p2l_jax.jit import jit
 from p2l_jax.metrics import measurement_residual
 from p2l_jax.solvers.common import Problem, State, StepInput, initial_latents
 from p2l_jax.solvers.configs import Structure, build_optimizer
@@ -203,15 +204,15 @@ def sweep_whole(model, operator, y, keys, C0, C_neg, settings, *, structure: Str
 
 
 # The compiled programs: one per (structure, shapes), whatever the settings.
-solve_prepared = jax.jit(run_whole, static_argnames=("structure", "latent_shape"))
+solve_prepared = jit(run_whole, static_argnames=("structure", "latent_shape"))
 solve_prepared.__doc__ = """The one-scan program behind ``solve``: arguments as
 :func:`p2l_jax.solvers.driver.prepare` returns them. Public so benchmarks can
 ``.lower(...).compile()`` it and read XLA's cost and memory analyses of what ``solve`` runs."""
-jit_start = jax.jit(start, static_argnames=("structure", "latent_shape", "k"))
-jit_advance = jax.jit(advance, static_argnames=("structure", "k"), donate_argnames=("carry",))
-jit_finish = jax.jit(finish, static_argnames=("structure",))
-sweep_prepared = jax.jit(sweep_whole,
-                         static_argnames=("structure", "latent_shape", "varying", "batched"))
+jit_start = jit(start, static_argnames=("structure", "latent_shape", "k"))
+jit_advance = jit(advance, static_argnames=("structure", "k"), donate_argnames=("carry",))
+jit_finish = jit(finish, static_argnames=("structure",))
+sweep_prepared = jit(sweep_whole,
+                     static_argnames=("structure", "latent_shape", "varying", "batched"))
 _PROGRAMS = (solve_prepared, jit_start, jit_advance, jit_finish, sweep_prepared)
 
 
