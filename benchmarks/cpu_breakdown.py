@@ -6,9 +6,10 @@
 A P2L step (``full`` gradient) is two forward + input-gradient passes through UNet and
 decoder (prompt update, latent update), plus an encoder forward when it projects. This times
 each piece alone in PyTorch eager (diffusers modules carrying the same parameters,
-``benchmarks.torch_baseline``) and jitted in JAX inside a one-iteration ``lax.scan``, where
-the solver runs them (XLA:CPU compiles loop bodies differently from the entry computation,
-see p2l_jax/models/conv.py), once per convolution form of ``--forms`` (``P2L_JAX_CONV``; and
+``benchmarks.torch_baseline``) and jitted in JAX inside a ``lax.scan`` body, where the solver
+runs them (:func:`benchmarks.measure.in_loop`: XLA:CPU compiles loop bodies differently from
+the entry computation, see p2l_jax/models/conv.py; the JAX figure is a call's time divided by
+the loop's trips), once per convolution form of ``--forms`` (``P2L_JAX_CONV``; and
 ``cpu-ynn``: the CPU form compiled with XLA:CPU's default options, which hand convolutions to
 YNNPACK, where ``cpu`` compiles through :func:`p2l_jax.jit.jit` as the package does), at
 batch 1, float32, t = 500: UNet forward, UNet vjp w.r.t. (z_t, C), decoder forward, decoder
@@ -18,8 +19,8 @@ slower end-to-end step can be traced to the network pass that causes it.
 ``--decoder-blocks`` adds a table one level down for the decoder, the pass that stays slower
 than torch on SD-sized maps: each block (conv_in, mid block, each up block, output norm + SiLU
 + conv) on its real input (the previous block's output), forward and vjp (cotangent = its own
-output) in JAX (inside a one-iteration ``lax.scan``, the package's convolution form for the
-backend) and in PyTorch eager on the same weights.
+output) in JAX (inside a ``lax.scan`` body as above, the package's convolution form and
+options for the backend) and in PyTorch eager on the same weights.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import torch
 
-    from benchmarks.measure import conv_form
+    from benchmarks.measure import LOOP_TRIPS, conv_form, in_loop
     from benchmarks.throughput import BenchConfig, build_model
     from benchmarks.torch_baseline import torch_modules
 
@@ -119,8 +120,9 @@ def main(argv=None) -> int:
         seconds = []
         for form in forms:
             with conv_form(form.removesuffix("-ynn")):  # a new jitted function per form
-                jitted = in_scan(fn, package_options=not form.endswith("-ynn"))
-                seconds.append(median_seconds(lambda: jitted(*fargs), args.repeats))
+                jitted = in_loop(fn, carried=1, package_options=not form.endswith("-ynn"))
+                seconds.append(median_seconds(lambda: jitted(*fargs), args.repeats)
+                               / LOOP_TRIPS)
         tr = median_seconds(torch_parts[name], args.repeats)
         print(f"| {name} | {' | '.join(f'{j:.4g}' for j in seconds)} | {tr:.4g} | "
               f"{' | '.join(f'{j / tr:.2f}' for j in seconds)} |", flush=True)
@@ -128,18 +130,6 @@ def main(argv=None) -> int:
         decoder_block_table(model._net("vae").decoder, vae.decoder, z / model.scaling_factor,
                             args.repeats)
     return 0
-
-
-def in_scan(f, package_options: bool = True):
-    """jit(f) with its body in a one-iteration lax.scan, as in the solver; compiled through
-    the package's ``jit`` (its XLA:CPU options, p2l_jax/jit.py) or, with ``package_options``
-    False, plain ``jax.jit`` (XLA's defaults)."""
-    import jax
-
-    from p2l_jax.jit import jit
-
-    return (jit if package_options else jax.jit)(
-        lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0, None, length=1)[1])
 
 
 def decoder_block_table(dec, tdec, z, repeats: int) -> None:
@@ -151,6 +141,8 @@ def decoder_block_table(dec, tdec, z, repeats: int) -> None:
     import jax
     import torch
     from flax import nnx
+
+    from benchmarks.measure import LOOP_TRIPS, in_loop
 
     graphdef, params = nnx.split(dec)
     n_up = len(dec.up_blocks)
@@ -173,9 +165,9 @@ def decoder_block_table(dec, tdec, z, repeats: int) -> None:
             y, pull = jax.vjp(lambda v: fwd(p, v), v)
             return pull(y)[0]
 
-        j_fwd, j_vjp = in_scan(fwd), in_scan(vjp)
-        jf = median_seconds(lambda: j_fwd(params, h), repeats)
-        jv = median_seconds(lambda: j_vjp(params, h), repeats)
+        j_fwd, j_vjp = in_loop(fwd, carried=1), in_loop(vjp, carried=1)
+        jf = median_seconds(lambda: j_fwd(params, h), repeats) / LOOP_TRIPS
+        jv = median_seconds(lambda: j_vjp(params, h), repeats) / LOOP_TRIPS
 
         def t_fwd(tf=tf):
             with torch.no_grad():
@@ -189,7 +181,7 @@ def decoder_block_table(dec, tdec, z, repeats: int) -> None:
         tfs, tvs = median_seconds(t_fwd, repeats), median_seconds(t_vjp, repeats)
         print(f"| {name} | {tuple(h.shape)} | {jf:.4g} | {tfs:.4g} | {jf / tfs:.2f} | {jv:.4g} "
               f"| {tvs:.4g} | {jv / tvs:.2f} |", flush=True)
-        h, th = j_fwd(params, h)[0], t_fwd()  # the scan stacks its one output
+        h, th = j_fwd(params, h), t_fwd()
 
 
 if __name__ == "__main__":

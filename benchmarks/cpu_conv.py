@@ -9,7 +9,8 @@ padding 1 (forward, and the input gradient = vjp w.r.t. x) in three ways, median
 ``--repeats`` after warm-up:
 
 * ``xla``: ``lax.conv_general_dilated`` (NHWC/HWIO) and its autodiff transpose, traced inside
-  a one-iteration ``lax.scan``, as the solver's steps and the prompt-tuning loop are. XLA:CPU
+  a ``lax.scan`` body (:func:`benchmarks.measure.in_loop`), as the solver's steps and the
+  prompt-tuning loop are. XLA:CPU
   canonicalizes convolutions to its Eigen form only in the entry computation, so there the
   input gradient (HWOI kernel) and convs on maps smaller than the kernel (operands swapped by
   the algebraic simplifier) run in the elemental loop emitter;
@@ -61,8 +62,7 @@ def time_jax(side: int, ch: int, batch: int, repeats: int, form: str) -> tuple[f
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.measure import conv_form
-    from p2l_jax.jit import jit
+    from benchmarks.measure import LOOP_TRIPS, conv_form, in_loop
     from p2l_jax.models.conv import conv2d
 
     x = jax.random.normal(jax.random.key(0), (batch, side, side, ch))
@@ -71,14 +71,10 @@ def time_jax(side: int, ch: int, batch: int, repeats: int, form: str) -> tuple[f
     conv = lambda x, w: conv2d(x, w, (1, 1), ((1, 1), (1, 1)))
     vjp = lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
 
-    def in_scan(f):
-        return jit(lambda x, *a: jax.lax.scan(lambda c, _: (f(c, *a), None), x, None,
-                                                  length=1)[0])
-
     with conv_form(form):
-        fwd, bwd = in_scan(conv), in_scan(vjp)
-        return (median_seconds(lambda: fwd(x, w), repeats),
-            median_seconds(lambda: bwd(x, w, g), repeats))
+        fwd, bwd = in_loop(conv), in_loop(vjp)
+        return (median_seconds(lambda: fwd(x, w), repeats) / LOOP_TRIPS,
+                median_seconds(lambda: bwd(x, w, g), repeats) / LOOP_TRIPS)
 
 
 def time_small_map_forms(side: int, ch: int, batch: int, repeats: int) -> dict[str, float]:
@@ -87,7 +83,7 @@ def time_small_map_forms(side: int, ch: int, batch: int, repeats: int) -> dict[s
     custom input gradient), whatever :func:`~p2l_jax.models.conv.conv2d` would pick."""
     import jax
 
-    from p2l_jax.jit import jit
+    from benchmarks.measure import LOOP_TRIPS, in_loop
     from p2l_jax.models import conv
 
     x = jax.random.normal(jax.random.key(0), (batch, side, side, ch))
@@ -100,9 +96,8 @@ def time_small_map_forms(side: int, ch: int, batch: int, repeats: int) -> dict[s
         def both(c, w, f=f):
             y, pullback = jax.vjp(lambda c: f(c, w), c)
             return y + pullback(y)[0]
-        prog = jit(lambda x, w: jax.lax.scan(lambda c, _: (both(c, w), None), x, None,
-                                             length=1)[0])
-        out[name] = median_seconds(lambda: prog(x, w), repeats)
+        prog = in_loop(both)
+        out[name] = median_seconds(lambda: prog(x, w), repeats) / LOOP_TRIPS
     return out
 
 

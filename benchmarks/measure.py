@@ -5,6 +5,8 @@
   not move it.
 * :func:`conv_form`: a context that sets ``P2L_JAX_CONV`` (the convolution form of
   :mod:`p2l_jax.models.conv`, read when a function is traced) and restores it.
+* :func:`in_loop`: a function jitted to run inside a ``lax.scan`` body, as the solver runs
+  the networks (XLA:CPU compiles loop bodies differently from the entry computation).
 * :func:`interleaved_times`: the same for several calls at once, round robin (one call of
   each per round), so a change of machine load between them (on a shared machine) hits all
   alike and their ratios hold better than the absolute times.
@@ -47,6 +49,34 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tupl
         block(fn())
         samples.append(time.perf_counter() - start)
     return statistics.median(samples), samples
+
+
+#: Trips of :func:`in_loop`'s scan: XLA's while-loop simplifier inlines a loop of one trip
+#: into the entry computation, so a one-trip scan does not measure a loop body.
+LOOP_TRIPS = 2
+
+
+def in_loop(f: Callable, carried: int = 0, package_options: bool = True) -> Callable:
+    """``g(*args)`` = ``f(*args)``, jitted, computed ``LOOP_TRIPS`` times in a ``lax.scan``
+    body; one call of ``g`` costs ``LOOP_TRIPS`` calls of ``f``. Each trip reads argument
+    ``carried`` (a pytree of arrays) as ``x + 0 c``, with ``c`` a scalar of the previous trip's
+    output, so XLA can neither hoist the body out of the loop (loop-invariant code motion) nor
+    drop the loop. Compiled through :func:`p2l_jax.jit.jit` (the package's XLA:CPU options)
+    or, with ``package_options`` False, plain ``jax.jit`` (XLA's defaults)."""
+    from p2l_jax.jit import jit
+
+    def g(*args):
+        def body(c, _):
+            moved = jax.tree_util.tree_map(lambda x: x + (0 * c).astype(x.dtype),
+                                           args[carried])
+            out = f(*args[:carried], moved, *args[carried + 1:])
+            first = jax.tree_util.tree_leaves(out)[0]
+            return first.reshape(-1)[0].astype(jnp.float32), out
+
+        _, outs = jax.lax.scan(body, jnp.float32(0), None, length=LOOP_TRIPS)
+        return jax.tree_util.tree_map(lambda y: y[-1], outs)
+
+    return (jit if package_options else jax.jit)(g)
 
 
 @contextlib.contextmanager

@@ -185,3 +185,31 @@ def test_cpu_breakdown_times_every_network_pass_in_both_frameworks(capsys):
     for _, _, jf, tf, rf, jv, tv, rv in rows:
         assert float(rf) == pytest.approx(float(jf) / float(tf), rel=0.02, abs=0.01)
         assert float(rv) == pytest.approx(float(jv) / float(tv), rel=0.02, abs=0.01)
+
+
+def test_in_loop_runs_the_function_in_a_loop_body_not_hoisted():
+    """benchmarks.measure.in_loop: the result is f's, and the compiled program keeps a while
+    loop whose body holds f's matrix product (a one-trip scan, or a body that does not read
+    the carry, would leave it in the entry computation)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.measure import in_loop
+    from hlo_text import called_lines
+
+    f = lambda w, x: jnp.tanh(x @ w)
+    w = jax.random.normal(jax.random.key(0), (64, 64)) / 8
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    g = in_loop(f, carried=1)
+    np.testing.assert_allclose(g(w, x), f(w, x), rtol=1e-5, atol=1e-6)
+    hlo = g.lower(w, x).compile().as_text()
+    body = re.search(r"while\(.*body=%([\w.\-]+)", hlo).group(1)
+    assert any(re.search(r"\bdot\(", line) for line in called_lines(hlo, body))
+    hoisted = jax.jit(lambda w, x: jax.lax.scan(lambda c, _: (c, f(w, x)), 0, None,
+                                                length=2)[1]).lower(w, x).compile().as_text()
+    loops = re.findall(r"while\(.*body=%([\w.\-]+)", hoisted)  # the check can fail
+    assert not any(re.search(r"\bdot\(", line)
+                   for b in loops for line in called_lines(hoisted, b))

@@ -117,20 +117,12 @@ def slow_convolutions(hlo_text: str) -> list[str]:
     return bad
 
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-
-
 def ynn_convolutions(hlo_text: str) -> list[str]:
     """The convolutions of an optimized XLA:CPU module that run in YNNPACK: those inside the
     computations its ``__ynn_fusion`` instructions call (p2l_jax/jit.py says why not there)."""
-    bodies, name = {}, None
-    for line in hlo_text.splitlines():
-        m = _COMPUTATION.match(line)
-        if m:
-            name = m.group(1)
-            bodies[name] = []
-        elif name is not None:
-            bodies[name].append(line)
+    from hlo_text import computations
+
+    bodies = computations(hlo_text)
     called = [re.search(r"calls=%([\w.\-]+)", line).group(1)
               for line in hlo_text.splitlines() if '"__ynn_fusion"' in line and "calls=%" in line]
     return [line.strip()[:240] for c in called for line in bodies.get(c, ())
