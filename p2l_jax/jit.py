@@ -2,11 +2,12 @@
 
 On the CPU backend the networks write every convolution in the form XLA:CPU runs in its Eigen
 kernel (p2l_jax/models/conv.py). The XLA:CPU of jaxlib 0.10 hands most convolutions to the
-YNNPACK library instead (``__ynn_fusion`` kernels in the optimized HLO), which is slower on the
-convolutions these networks hold, their gradients above all: 279 ms against 92 ms in Eigen
-for the input gradient of a decoder up-sampler at 128 px, and 18% / 11% / 20% of the UNet /
-decoder / encoder vjp of SD 1.5 (docs/BENCHMARKS.md, "Convolutions kept out of YNNPACK").
-So these programs are compiled with the DebugOptions field
+YNNPACK library instead (``__ynn_fusion`` kernels in the optimized HLO), which is slower on
+some of them: 279 ms against 92 ms in Eigen for the input gradient of a decoder up-sampler of
+SD 1.5 at 128 px; in loop bodies the SD 1.5 decoder's vjp is 7% slower that way, the isolated
+P2L step 6-8%, the embedded model's solve 5% (docs/BENCHMARKS.md, "Convolutions kept out of
+YNNPACK by the package"; the SD 1.5 solve at 128 px did not move). So these programs are
+compiled with the DebugOptions field
 ``xla_cpu_experimental_ynn_fusion_type`` set to ``CPU_YNN_FUSION_TYPES``: XLA:CPU's default
 list without ``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``. The option is passed per program
 (``jax.jit(..., compiler_options=...)``), so nothing else in the process changes.
