@@ -4,9 +4,10 @@ On the CPU backend the networks write every convolution in the form XLA:CPU runs
 kernel (p2l_jax/models/conv.py). The XLA:CPU of jaxlib 0.10 hands most convolutions to the
 YNNPACK library instead (``__ynn_fusion`` kernels in the optimized HLO), which is slower on
 some of them: 279 ms against 92 ms in Eigen for the input gradient of a decoder up-sampler of
-SD 1.5 at 128 px; in loop bodies the SD 1.5 decoder's vjp is 7% slower that way, the isolated
-P2L step 6-8%, the embedded model's solve 5% (docs/BENCHMARKS.md, "Convolutions kept out of
-YNNPACK by the package"; the SD 1.5 solve at 128 px did not move). So these programs are
+SD 1.5 at 128 px; in loop bodies the SD 1.5 decoder's vjp is 7% slower that way, the SD 1.5
+solve at 256 px 14% (12.6% saved by this option), the isolated P2L step 6-8%, the embedded
+model's solve 5% (docs/BENCHMARKS.md, "Convolutions kept out of YNNPACK by the package"; the
+SD 1.5 solve at 128 px did not move). So these programs are
 compiled with the DebugOptions field
 ``xla_cpu_experimental_ynn_fusion_type`` set to ``CPU_YNN_FUSION_TYPES``: XLA:CPU's default
 list without ``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``. The option is passed per program
