@@ -213,3 +213,20 @@ def test_in_loop_runs_the_function_in_a_loop_body_not_hoisted():
     loops = re.findall(r"while\(.*body=%([\w.\-]+)", hoisted)  # the check can fail
     assert not any(re.search(r"\bdot\(", line)
                    for b in loops for line in called_lines(hoisted, b))
+
+
+@pytest.mark.parametrize("program", ["step", "solve"])
+def test_options_pair_times_both_compilations_of_one_program(program, capsys):
+    from benchmarks import options_pair
+
+    assert options_pair.main(["--model", "tiny", "--resolution", "64", "--program", program,
+                              "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    medians = {}
+    for name in ("package", "defaults"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"{name}: ") and "median" in ln)
+        samples = [float(v) for v in line.split(":")[1].split(" s,")[0].split(" / ")]
+        assert len(samples) == 2 and min(samples) > 0
+        medians[name] = float(line.rsplit("median", 1)[1].split()[0])
+    ratio = float(out.split("package / defaults: ")[1].split(";")[0])
+    assert ratio == pytest.approx(medians["package"] / medians["defaults"], rel=0.01)
