@@ -215,7 +215,83 @@ def test_in_loop_runs_the_function_in_a_loop_body_not_hoisted():
                    for b in loops for line in called_lines(hoisted, b))
 
 
-@pytest.mark.parametrize("program", ["step", "solve"])
+def test_cpu_conv_programs_keep_their_convolution_in_the_loop_body():
+    """benchmarks/cpu_conv.py: the forward and the input-gradient programs each run their
+    convolution in the loop body, and equal the convolution and its transpose. The input
+    gradient does not depend on x: a loop carrying x instead of the cotangent is hoisted
+    (checked below, so the check can fail)."""
+    import re
+
+    import jax
+    import numpy as np
+
+    from benchmarks.cpu_conv import conv_programs
+    from benchmarks.measure import conv_form, in_loop
+    from hlo_text import called_lines
+    from p2l_jax.models.conv import conv2d
+
+    def in_body(prog, args):
+        hlo = prog.lower(*args).compile().as_text()
+        bodies = re.findall(r"while\(.*body=%([\w.\-]+)", hlo)
+        return any(re.search(r"\bconvolution\(", line)
+                   for b in bodies for line in called_lines(hlo, b))
+
+    plain = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    with conv_form("cpu"):
+        (fwd, fargs), (vjp, vargs) = conv_programs(side=8, ch=16, batch=1)
+        w, x, g = vargs
+        np.testing.assert_allclose(fwd(*fargs), plain(x, w), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(vjp(*vargs), jax.vjp(lambda x: plain(x, w), x)[1](g)[0],
+                                   rtol=1e-5, atol=1e-5)
+        assert in_body(fwd, fargs) and in_body(vjp, vargs)
+        conv = lambda x, w: conv2d(x, w, (1, 1), ((1, 1), (1, 1)))
+        hoisted = in_loop(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+        assert not in_body(hoisted, (x, w, g))
+
+
+def test_cpu_conv_winograd_table_times_both_forms_and_names_the_rule(monkeypatch, capsys):
+    """``benchmarks.cpu_conv --tables winograd``: one row per shape with Eigen and Winograd
+    times, their ratio, and whether conv2d's rule picks Winograd (floors lowered so that one
+    small shape qualifies and one does not)."""
+    from benchmarks import cpu_conv
+    from p2l_jax.models import conv
+
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_POSITIONS", 64)
+    monkeypatch.setattr(cpu_conv, "WINOGRAD_MAPS", (("a", 8, 16), ("b", 8, 8)))
+    assert cpu_conv.main(["--tables", "winograd", "--repeats", "1"]) == 0
+    rows = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| a |") or ln.startswith("| b |")]
+    assert [r[1] for r in rows] == ["yes", "no"]
+    for r in rows:
+        eigen, wino, ratio = float(r[2]), float(r[3]), float(r[4].rstrip(" |"))
+        assert eigen > 0 and wino > 0
+        assert ratio == pytest.approx(wino / eigen, rel=0.02, abs=0.01)
+
+
+def test_winograd_pair_compiles_the_step_with_and_without_winograd(monkeypatch, capsys):
+    """``--pair winograd``: the first program takes the Winograd rule (floors lowered so the
+    tiny model has such convolutions), the second keeps them in Eigen: fewer convolutions in
+    the first optimized program, and both timed."""
+    from benchmarks import options_pair
+    from p2l_jax.models import conv
+
+    monkeypatch.setenv("P2L_JAX_CONV", "cpu")
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 8)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_POSITIONS", 16)
+    assert options_pair.main(["--model", "tiny", "--resolution", "64", "--program", "step",
+                              "--rounds", "1", "--pair", "winograd"]) == 0
+    out = capsys.readouterr().out
+    convs = {name: int(out.split(f"{name}: compiled in ")[1].split(" s, ")[1].split()[0])
+             for name in ("winograd", "eigen")}
+    assert convs["winograd"] < convs["eigen"]
+    assert conv.WINOGRAD_MIN_CHANNELS == 8  # the rule is restored after tracing
+    assert "winograd / eigen: " in out
+
+
+@pytest.mark.parametrize("program", [
+    "step", pytest.param("solve", marks=pytest.mark.slow)])  # the step covers the script's code
 def test_options_pair_times_both_compilations_of_one_program(program, capsys):
     from benchmarks import options_pair
 

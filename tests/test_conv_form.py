@@ -81,6 +81,58 @@ def test_upsampled_conv_equals_conv_of_the_upsampled_map_with_gradients(shape, m
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * scale)
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 12, 8, 12), (1, 8, 8, 12, 8)])
+def test_winograd_form_equals_xla_conv_with_gradients(shape, monkeypatch):
+    """winograd_conv (F(2x2, 3x3), its input gradient by Winograd too, kernel gradient as the
+    patch product) against lax.conv_general_dilated: outputs, input and kernel gradients. The
+    floors are lowered so that small maps take the Winograd path through conv2d."""
+    from p2l_jax.models import conv
+
+    monkeypatch.setenv("P2L_JAX_CONV", "cpu")
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 8)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_POSITIONS", 16)
+    b, h, w_, cin, cout = shape
+    kx, kw, kg = jax.random.split(jax.random.key(h * w_ + cin), 3)
+    x = jax.random.normal(kx, (b, h, w_, cin))
+    w = jax.random.normal(kw, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+    pad = ((1, 1), (1, 1))
+    f = lambda x, w: conv.conv2d(x, w, (1, 1), pad)
+    assert conv.winograd_applies(x, w, (1, 1), pad)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(f)(x, w))
+    y_ref, pull_ref = jax.vjp(lambda x, w: _reference(x, w, 1, pad), x, w)
+    y, pull = jax.vjp(jax.jit(f), x, w)
+    g = jax.random.normal(kg, y_ref.shape)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    for got, want in [(y, y_ref), *zip(pull(g), pull_ref(g))]:
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * scale)
+
+
+def test_winograd_rule_keeps_other_convolutions_in_their_forms(monkeypatch):
+    """Below either floor, with an odd map side, a stride, other padding or bfloat16, conv2d
+    does not take the Winograd path (the defaults: 256 channels, 32x32 positions)."""
+    from p2l_jax.models import conv
+
+    monkeypatch.setenv("P2L_JAX_CONV", "cpu")
+    pad = ((1, 1), (1, 1))
+    x = jax.ShapeDtypeStruct((1, 64, 64, 256), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 256, 256), jnp.float32)
+    assert conv.winograd_applies(x, w, (1, 1), pad)
+    others = [
+        (jax.ShapeDtypeStruct((1, 64, 64, 128), jnp.float32),
+         jax.ShapeDtypeStruct((3, 3, 128, 256), jnp.float32), (1, 1), pad),   # channels
+        (jax.ShapeDtypeStruct((1, 30, 30, 256), jnp.float32), w, (1, 1), pad),  # positions
+        (jax.ShapeDtypeStruct((1, 65, 64, 256), jnp.float32), w, (1, 1), pad),  # odd side
+        (x, w, (2, 2), pad), (x, w, (1, 1), ((0, 1), (0, 1))),                  # stride, pad
+        (jax.ShapeDtypeStruct((1, 64, 64, 256), jnp.bfloat16), w, (1, 1), pad),
+    ]
+    for xs, ws, strides, padding in others:
+        assert not conv.winograd_applies(xs, ws, strides, padding)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, (1, 1), pad))(
+        jax.ShapeDtypeStruct((1, 30, 30, 256), jnp.float32), w))
+    assert "conv_general_dilated" in jaxpr  # Eigen below the positions floor
+
+
 def test_cpu_form_bfloat16_matches_within_bfloat16_rounding(monkeypatch):
     from p2l_jax.models.conv import conv2d
 

@@ -29,6 +29,12 @@ one XLA:CPU hands to its Eigen kernel, because the others run in XLA's naive ele
   product of the patch matrix (B Ho Wo, kh kw I) with the kernel matrix (kh kw I, O)
   (:func:`patch_conv`); autodiff of that is matrix products, pads and adds.
 * 1x1 convolutions without stride or padding are a matrix product over the channel axis.
+* 3x3 convolutions with stride 1 and padding 1 on large maps with many channels (in SD 1.5,
+  the VAE's levels with 256 or more channels on maps of 32x32 and up, and the UNet's
+  320-channel level from 256 px images up) run as Winograd F(2x2, 3x3)
+  (:func:`winograd_conv`; rule: ``WINOGRAD_MIN_CHANNELS``, ``WINOGRAD_MIN_POSITIONS``):
+  Eigen runs them near the core's peak already, and Winograd does 4 multiply-adds per
+  output position and channel pair where the direct form does 9.
 * A nearest-neighbour x2 up-sampling followed by a 3x3 convolution (padding 1, stride 1: the
   decoders' ``Upsample2D``) is computed on the small map (:func:`upsample2x_conv2d`): each of
   the four output phases reads a 2x2 neighbourhood of the input with summed kernel taps, which
@@ -93,6 +99,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
     wo = output_size(x.shape[2], kw, strides[1], padding[1])
     if ho * wo <= cout or min(x.shape[1] * x.shape[2], ho * wo) < kh * kw:
         return patch_conv(x, kernel, strides, padding)
+    if winograd_applies(x, kernel, strides, padding):
+        return winograd_conv(x, kernel)
     return _canonical_conv(x, kernel, strides, padding)
 
 
@@ -224,3 +232,118 @@ def _canonical_bwd(strides, padding, residuals, g):
 
 
 _canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
+
+
+#: When a 3x3, stride 1, padding 1 float32 convolution on the CPU runs as Winograd F(2x2, 3x3)
+#: (:func:`winograd_conv`) instead of in Eigen [ours]: at least ``WINOGRAD_MIN_CHANNELS``
+#: input and output channels and ``WINOGRAD_MIN_POSITIONS`` map positions. Eigen already runs
+#: these convolutions at the core's multiply-add peak, so only the multiply count can shrink
+#: (4 I O per output position instead of 9); the price is memory traffic. The data transforms
+#: cost in proportion to H W (I + O) against savings in proportion to H W I O, hence the
+#: channel floor (128x128x128: 1.1x Eigen's time); the kernel transform (16 I O values,
+#: made where the forward runs, reused by the input gradient) costs in proportion to I O,
+#: hence the map floor. Measured on one core of the development VM (docs/BENCHMARKS.md,
+#: "Winograd F(2x2, 3x3)"): one convolution with its input gradient in a loop body
+#: 0.62-0.95x Eigen's time at SD 1.5's shapes above both floors
+#: (``python -m benchmarks.cpu_conv --tables winograd``); the SD 1.5 solve at 128 px 11.5%
+#: faster (``python -m benchmarks.options_pair --pair winograd --program solve``).
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_POSITIONS = 32 * 32
+
+
+def winograd_applies(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                     padding: Padding) -> bool:
+    """Whether :func:`conv2d` computes this convolution with :func:`winograd_conv`: 3x3
+    kernel, stride 1, padding 1, even H and W, float32, at least ``WINOGRAD_MIN_CHANNELS``
+    input and output channels and ``WINOGRAD_MIN_POSITIONS`` positions H W."""
+    kh, kw, cin, cout = kernel.shape
+    _, h, w, _ = x.shape
+    return ((kh, kw) == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1))
+            and h % 2 == 0 and w % 2 == 0 and h * w >= WINOGRAD_MIN_POSITIONS
+            and x.dtype == jnp.float32 and min(cin, cout) >= WINOGRAD_MIN_CHANNELS)
+
+
+def _kernel_taps(t: jax.Array) -> list[jax.Array]:
+    """G t along the first axis of ``t`` (3 taps): (t0, (t0 + t1 + t2) / 2,
+    (t0 - t1 + t2) / 2, t2)."""
+    return [t[0], (t[0] + t[1] + t[2]) * 0.5, (t[0] - t[1] + t[2]) * 0.5, t[2]]
+
+
+def _data_taps(d: list[jax.Array]) -> list[jax.Array]:
+    """B^T d over 4 inputs: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)."""
+    return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _output_taps(m: list[jax.Array]) -> list[jax.Array]:
+    """A^T m over 4 inputs: (m0 + m1 + m2, m1 - m2 - m3)."""
+    return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def winograd_kernel(kernel: jax.Array) -> jax.Array:
+    """U = G w G^T for a 3x3 kernel (3, 3, I, O): (16, I, O), entry 4 a + b = U[a, b]."""
+    return jnp.stack([u for row in _kernel_taps(kernel) for u in _kernel_taps(row)])
+
+
+#: The Winograd positions k = 4 a + b permuted by (a, b) -> (P[a], P[b]) with P = (3, 1, 2, 0):
+#: reversing a 3-tap kernel reverses each row of G, which maps row a of G to row P[a], so the
+#: transform of the flipped kernel is U[P[a], P[b]] (:func:`winograd_apply`, ``transpose``).
+_FLIPPED = tuple(4 * p + q for p in (3, 1, 2, 0) for q in (3, 1, 2, 0))
+
+
+def winograd_apply(x: jax.Array, u: jax.Array, transpose: bool = False) -> jax.Array:
+    """The 3x3 convolution (stride 1, padding 1) of x (B, H, W, I), H and W even, whose
+    transformed kernel is u = :func:`winograd_kernel` (w), by Winograd's F(2x2, 3x3): for the
+    2x2 output tile at (2p, 2q) and its 4x4 input tile d = x_pad[2p:2p+4, 2q:2q+4],
+
+        Y = A^T [sum_i (B^T d_i B) * U_i] A,    U_i = G w_i G^T  (elementwise product)
+
+    with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]], A^T = [[1, 1, 1, 0],
+    [0, 1, -1, -1]]. The sum over input channels i for the 16 positions of the transformed
+    tile is one batched matrix product (16, B H W / 4, I) @ (16, I, O): 4 I O multiply-adds
+    per output position instead of 9. Equal to the direct convolution up to float rounding.
+
+    ``transpose``: the convolution with the flipped kernel, channels swapped (w~[i, j, o, c] =
+    w[2 - i, 2 - j, c, o], the input gradient's kernel), from the same u: its transform is
+    U~[k] = U[F(k)]^T with F = ``_FLIPPED``, an involution, so the product at position k is
+    V[k] @ U[F(k)]^T; it is computed as V[F(j)] @ U[j]^T for each j (the data taps taken in
+    F's order, u contracted over its output axis) and read back at j = F(k). No flipped or
+    transposed kernel is formed."""
+    b, h, w, c = x.shape
+    th, tw = h // 2, w // 2
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = _data_taps([xp[:, i:i + 2 * th:2] for i in range(4)])       # 4 x (B, th, W+2, I)
+    v = [t for r in rows for t in _data_taps([r[:, :, j:j + 2 * tw:2] for j in range(4)])]
+    order = _FLIPPED if transpose else tuple(range(16))
+    v = jnp.stack([v[k] for k in order]).reshape(16, b * th * tw, c)
+    m = lax.dot_general(v, u.astype(x.dtype), (((2,), (2 if transpose else 1,)), ((0,), (0,))),
+                        preferred_element_type=jnp.float32)
+    m = [m[k].reshape(b, th, tw, -1) for k in order]                  # m[k]: position k
+    out_rows = _output_taps([jnp.stack(m[4 * a:4 * a + 4]) for a in range(4)])  # 2 x (4, ...)
+    y = jnp.stack([jnp.stack(_output_taps([r[k] for k in range(4)]), axis=3)
+                   for r in out_rows], axis=2)                        # (B, th, 2, tw, 2, O)
+    return y.reshape(b, h, w, -1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """conv2d(x, kernel, stride 1, padding 1) for a 3x3 kernel by :func:`winograd_apply`. Its
+    input gradient is the flipped-kernel convolution of the cotangent (:func:`input_gradient`),
+    computed by Winograd from the same transformed kernel (``transpose``); the kernel gradient
+    is the patch product (:func:`kernel_gradient`)."""
+    return winograd_apply(x, winograd_kernel(kernel))
+
+
+def _winograd_fwd(x, kernel):
+    u = winograd_kernel(kernel)
+    return winograd_apply(x, u), (x, kernel, u)
+
+
+def _winograd_bwd(residuals, g):
+    x, kernel, u = residuals
+    dx = winograd_apply(g, u, transpose=True)
+    dw = kernel_gradient(x, g, (3, 3), (1, 1), ((1, 1), (1, 1)))
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+winograd_conv.defvjp(_winograd_fwd, _winograd_bwd)
